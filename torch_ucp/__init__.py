@@ -1,0 +1,35 @@
+"""torch_ucp: universal checkpointing for PyTorch-native distributed training.
+
+Save with ``dcp.save(state, storage_writer=UCPWriter(url), planner=UCPSavePlanner())``; load
+into any DeviceMesh, world size, or a plain process with ``dcp.load(..., storage_reader=
+UCPReader(url), planner=UCPLoadPlanner())`` or :func:`open_checkpoint`.
+"""
+
+from torch_ucp.checkpoint import Checkpoint, open_checkpoint
+from torch_ucp.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    LoadPlanError,
+    UnsupportedFormatError,
+)
+from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
+from torch_ucp.storage import UCPReader, UCPWriter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "LoadPlanError",
+    "UCPLoadPlanner",
+    "UCPReader",
+    "UCPSavePlanner",
+    "UCPWriter",
+    "UnsupportedFormatError",
+    "open_checkpoint",
+]

@@ -1,0 +1,177 @@
+"""Reading a checkpoint without torch.distributed: keys, shapes, dtypes, whole tensors or slices."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from torch_ucp.errors import CheckpointError
+from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
+from torch_ucp.planner.boxes import BoxIndex, intersect
+from torch_ucp.storage.reader import load_metadata, read_object
+from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
+from torch_ucp.storage.store import Store
+
+Index = int | slice | Sequence[int | slice] | None
+
+
+def _normalize_index(index: Index, shape: tuple[int, ...], fqn: str) -> tuple[list[int], list[int], list[int]]:
+    """``(offsets, lengths, dims_to_squeeze)`` of a basic (int/slice, step 1) index."""
+    if index is None:
+        items: list[int | slice] = []
+    elif isinstance(index, (int, slice)):
+        items = [index]
+    else:
+        items = list(index)
+    if len(items) > len(shape):
+        raise IndexError(f"{fqn}: {len(items)} indices for a tensor of shape {shape}")
+    offsets, lengths, squeeze = [], [], []
+    for dim, size in enumerate(shape):
+        item = items[dim] if dim < len(items) else slice(None)
+        if isinstance(item, int):
+            i = item + size if item < 0 else item
+            if not 0 <= i < size:
+                raise IndexError(f"{fqn}: index {item} out of range for dim {dim} of size {size}")
+            offsets.append(i)
+            lengths.append(1)
+            squeeze.append(dim)
+        elif isinstance(item, slice):
+            start, stop, step = item.indices(size)
+            if step != 1:
+                raise IndexError(f"{fqn}: only step-1 slices are supported, got {item}")
+            offsets.append(start)
+            lengths.append(max(0, stop - start))
+        else:
+            raise TypeError(f"{fqn}: index items must be int or slice, got {type(item).__name__}")
+    return offsets, lengths, squeeze
+
+
+class Checkpoint:
+    """A committed torch_ucp checkpoint opened for reading in a plain process.
+
+    Obtained from :func:`open_checkpoint`. ``read`` fetches only the bytes of the requested
+    region. ``stats`` accumulates bytes read and needed.
+    """
+
+    def __init__(self, store: Store, metadata: CheckpointMetadata, *, verify: bool | str = True):
+        self.store = store
+        self.metadata = metadata
+        self.verify = verify
+        self.stats = ReadStats()
+        self._reader = FragmentReader(
+            store,
+            verify=verify,
+            checksum_algorithm=metadata.checksum_algorithm,
+            block_bytes=metadata.checksum_block_bytes,
+        )
+        self._indexes: dict[str, BoxIndex] = {}
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def keys(self) -> list[str]:
+        """Every FQN, tensors and non-tensor values, in saved order."""
+        return [*self.metadata.tensors, *self.metadata.objects]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, fqn: object) -> bool:
+        return fqn in self.metadata.tensors or fqn in self.metadata.objects
+
+    def __len__(self) -> int:
+        return len(self.metadata.tensors) + len(self.metadata.objects)
+
+    def tensor_entry(self, fqn: str) -> TensorEntry:
+        try:
+            return self.metadata.tensors[fqn]
+        except KeyError:
+            kind = "a non-tensor value" if fqn in self.metadata.objects else "not in the checkpoint"
+            raise KeyError(f"{fqn!r} is {kind} ({self.url})") from None
+
+    def shape(self, fqn: str) -> torch.Size:
+        return torch.Size(self.tensor_entry(fqn).shape)
+
+    def dtype(self, fqn: str) -> torch.dtype:
+        return self.tensor_entry(fqn).dtype
+
+    def read(self, fqn: str, index: Index = None, *, out: torch.Tensor | None = None) -> Any:
+        """The tensor (or a basic-slice region of it) as a CPU tensor, or a non-tensor value.
+
+        ``index`` is an int, a step-1 slice or a tuple of them, as in ``t[index]``. ``out``, if
+        given, receives the region (cast to its dtype) and is returned.
+        """
+        if fqn in self.metadata.objects:
+            if index is not None:
+                raise IndexError(f"{fqn!r} is a non-tensor value and cannot be sliced")
+            return read_object(self.store, self.metadata.objects[fqn], self.metadata, bool(self.verify))
+        entry = self.tensor_entry(fqn)
+        offsets, lengths, squeeze = _normalize_index(index, entry.shape, fqn)
+        if out is None:
+            region = torch.empty(lengths, dtype=entry.dtype)
+        else:
+            if out.numel() != torch.Size(lengths).numel():
+                raise ValueError(f"{fqn}: out has {out.numel()} elements, region has shape {lengths}")
+            region = out.view(lengths)
+        index_ = self._indexes.get(fqn)
+        if index_ is None:
+            index_ = self._indexes[fqn] = BoxIndex(
+                [f.offsets for f in entry.fragments], [f.lengths for f in entry.fragments], len(entry.shape)
+            )
+        reads = []
+        for i in index_.overlapping(offsets, lengths):
+            f = entry.fragments[i]
+            hit = intersect(offsets, lengths, f.offsets, f.lengths)
+            if hit is None:
+                continue
+            off, lens = hit
+            dest = region
+            for dim, (o, n) in enumerate(zip(off, lens)):
+                dest = dest.narrow(dim, o - offsets[dim], n)
+            reads.append(
+                BoxRead(
+                    name=fqn,
+                    data=f.data,
+                    dtype=entry.dtype,
+                    fragment_offsets=f.offsets,
+                    fragment_shape=f.lengths,
+                    offsets=tuple(o - fo for o, fo in zip(off, f.offsets)),
+                    lengths=lens,
+                    dest=dest,
+                )
+            )
+        self.stats.add(self._reader.read(reads))
+        result = out if out is not None else region
+        for dim in reversed(squeeze):
+            result = result.squeeze(dim) if out is None else result
+        return result
+
+    def __repr__(self) -> str:
+        gib = self.metadata.total_tensor_bytes / 2**30
+        return (
+            f"Checkpoint({self.url!r}, {len(self.metadata.tensors)} tensors, "
+            f"{len(self.metadata.objects)} values, {gib:.3f} GiB)"
+        )
+
+
+def open_checkpoint(
+    url: str | os.PathLike, *, verify: bool | str = True, **storage_options: Any
+) -> Checkpoint:
+    """Open a committed torch_ucp checkpoint for reading, with no process group.
+
+    Example::
+
+        ckpt = torch_ucp.open_checkpoint("s3://bucket/run/step-100", endpoint_url=...)
+        ckpt.keys(); ckpt.shape("model.tok_embeddings.weight")
+        rows = ckpt.read("model.tok_embeddings.weight", (slice(0, 16),))
+    """
+    store = Store(url, storage_options)
+    try:
+        metadata = load_metadata(store)
+    except CheckpointError:
+        raise
+    return Checkpoint(store, metadata, verify=verify)

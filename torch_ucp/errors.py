@@ -1,0 +1,27 @@
+"""Exceptions raised by torch_ucp. Each message names the tensor, the object and what was expected."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every torch_ucp error."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint (no metadata object) at the URL."""
+
+
+class UnsupportedFormatError(CheckpointError):
+    """The metadata is not a torch_ucp checkpoint, or of a format version this build cannot read."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A data object is missing, truncated, or fails its checksum."""
+
+
+class LoadPlanError(CheckpointError, ValueError):
+    """The target state dict does not fit the checkpoint (missing/unexpected keys, shapes)."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A committed checkpoint already lives at the URL and ``overwrite`` was not set."""

@@ -1,0 +1,60 @@
+"""Every tunable of torch_ucp in one place.
+
+Each knob has a default chosen for a 2-core CPU machine and an environment override
+(``TORCH_UCP_<NAME>``), so a run can be tuned without code changes.  Constructors of the
+writer/reader take explicit arguments that win over both.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(f"TORCH_UCP_{name}")
+    return int(value) if value else default
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(f"TORCH_UCP_{name}")
+    return float(value) if value else default
+
+
+def write_threads() -> int:
+    """Writer threads per rank; each streams one data object."""
+    return _env_int("WRITE_THREADS", 4)
+
+
+def read_threads() -> int:
+    """Reader threads per rank issuing range reads in parallel."""
+    return _env_int("READ_THREADS", 8)
+
+
+def checksum_block_bytes() -> int:
+    """Granularity of fragment checksums (one crc32 per block of a fragment's bytes)."""
+    return _env_int("CHECKSUM_BLOCK_BYTES", 1 << 20)
+
+
+def read_waste_ratio() -> float:
+    """Largest fraction of unneeded bytes a coalesced or block-expanded read may carry.
+
+    Neighbouring byte ranges are merged into one request, and partial checksum blocks are
+    widened to whole blocks for verification, only while the bytes read stay within
+    ``(1 + ratio)`` of the bytes needed.
+    """
+    return _env_float("READ_WASTE_RATIO", 0.10)
+
+
+def max_coalesce_gap_bytes() -> int:
+    """Never merge two byte ranges separated by more than this many bytes."""
+    return _env_int("MAX_COALESCE_GAP", 1 << 20)
+
+
+def max_read_request_bytes() -> int:
+    """Split single range reads larger than this so big fragments read in parallel."""
+    return _env_int("MAX_READ_REQUEST", 64 << 20)
+
+
+def write_buffer_bytes() -> int:
+    """Block size handed to fsspec for streaming writes (multipart part size on S3)."""
+    return _env_int("WRITE_BUFFER_BYTES", 32 << 20)

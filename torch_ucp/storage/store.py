@@ -1,0 +1,190 @@
+"""A checkpoint root on any fsspec filesystem, with fast paths for local disk and NFS.
+
+Local paths use positional reads (``os.preadv``) straight into destination memory and
+unbuffered writes of tensor memory, fsyncing files and directories where durability matters.
+Any other fsspec URL (``s3://``, ``gs://``, ``memory://`` ...) goes through fsspec: streamed
+writes (multipart uploads on S3) and parallel ranged reads.
+
+A :class:`Store` is picklable: it keeps only the URL and options and re-opens the filesystem
+lazily, so writers and readers can be shipped to DCP's async-save process.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Sequence
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from torch_ucp import knobs
+from torch_ucp.errors import CorruptCheckpointError
+
+
+class Store:
+    """Reads and writes objects relative to a checkpoint root URL."""
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+        self.url = os.fspath(url)
+        self.storage_options = dict(storage_options or {})
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._root: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["storage_options"])
+
+    # -- filesystem ---------------------------------------------------------------------------
+    def _open_fs(self) -> None:
+        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self._fs, self._root = fs, root.rstrip("/") or root
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            self._open_fs()
+        return self._fs  # type: ignore[return-value]
+
+    @property
+    def root(self) -> str:
+        if self._root is None:
+            self._open_fs()
+        return self._root  # type: ignore[return-value]
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def describe(self, rel: str) -> str:
+        """A user-facing name of an object: the checkpoint URL joined with ``rel``."""
+        return posixpath.join(self.url.rstrip("/"), rel)
+
+    # -- reads --------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_into(self, rel: str, ranges: Sequence[tuple[int, int]], outs: Sequence[memoryview]) -> None:
+        """Read each ``(start, length)`` range of ``rel`` into the matching writable buffer."""
+        if self.is_local:
+            self._read_into_local(rel, ranges, outs)
+            return
+        path = self.path(rel)
+        try:
+            blobs = self.fs.cat_ranges(
+                [path] * len(ranges),
+                [s for s, _ in ranges],
+                [s + n for s, n in ranges],
+                on_error="raise",
+            )
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"data object {self.describe(rel)} is missing") from e
+        for (start, length), blob, out in zip(ranges, blobs, outs):
+            if isinstance(blob, Exception):
+                raise blob
+            if len(blob) != length:
+                raise _short_read(self.describe(rel), start, length, len(blob))
+            out[:] = blob
+
+    def _read_into_local(
+        self, rel: str, ranges: Sequence[tuple[int, int]], outs: Sequence[memoryview]
+    ) -> None:
+        try:
+            fd = os.open(self.path(rel), os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"data object {self.describe(rel)} is missing") from e
+        try:
+            for (start, length), out in zip(ranges, outs):
+                done = 0
+                while done < length:
+                    n = os.preadv(fd, [out[done:]], start + done)
+                    if n == 0:
+                        raise _short_read(self.describe(rel), start, length, done)
+                    done += n
+        finally:
+            os.close(fd)
+
+    # -- writes -------------------------------------------------------------------------------
+    def makedirs(self, rel: str) -> None:
+        if self.is_local:
+            os.makedirs(self.path(rel), exist_ok=True)
+
+    def open_write(self, rel: str) -> IO[bytes]:
+        """A binary stream creating ``rel``; call :meth:`close_durably` when done."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
+            return open(self.path(rel), "wb", buffering=0)  # noqa: SIM115 - closed by caller
+        return self.fs.open(self.path(rel), "wb", block_size=knobs.write_buffer_bytes())
+
+    def close_durably(self, f: IO[bytes]) -> None:
+        """Close a stream from :meth:`open_write` with its bytes on stable storage.
+
+        Local: fsync the file. Object stores: close completes the (multipart) upload, after
+        which the object is durable.
+        """
+        if self.is_local:
+            f.flush()
+            os.fsync(f.fileno())
+        f.close()
+
+    def fsync_dir(self, rel: str) -> None:
+        """Make directory entries (new files, renames) durable on local disk and NFS."""
+        if not self.is_local:
+            return
+        fd = os.open(self.path(rel), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """Publish ``rel`` so that readers see either nothing, the old or the new bytes.
+
+        Local disk and NFS: write a unique temporary, fsync, rename over ``rel``, fsync the
+        directory (rename is atomic there). Object stores: a single PUT, which is atomic.
+        """
+        if not self.is_local:
+            self.fs.pipe_file(self.path(rel), data)
+            return
+        final = self.path(rel)
+        directory = os.path.dirname(final)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        self.fsync_dir(posixpath.dirname(rel))
+
+    def list_dir(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly under ``rel``; empty if it does not exist."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        return [posixpath.basename(e.rstrip("/")) for e in entries]
+
+    def remove(self, rel: str) -> None:
+        """Delete an object or a folder of objects, ignoring what is already gone."""
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def _short_read(name: str, start: int, length: int, got: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"data object {name} is truncated: needed bytes [{start}, {start + length}) but only "
+        f"{got} of {length} could be read"
+    )
