@@ -1,0 +1,5 @@
+import sys
+
+from torch_ucp.cli.main import main
+
+sys.exit(main())
