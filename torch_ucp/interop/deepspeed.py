@@ -32,7 +32,10 @@ prefixes::
 Every tensor is one chunk covering the whole tensor, so any target layout (plain tensors, FSDP2
 DTensors, ...) is served by narrowing the whole tensor to the requested box. Files are read one
 at a time in sorted order, only those the plan needs, so host memory stays bounded by the
-largest file (local files are memory-mapped, so only the needed bytes are touched).
+largest file (local files are memory-mapped, so only the needed bytes are touched; through
+another fsspec filesystem each needed file is read whole, once per ``read_data`` call). The
+ZeRO-3 step is read from ``zero/optimizer_state.pt``, which also holds rank 0's flat fp32
+partition and moments: mapped locally, read whole elsewhere.
 
 Decisions
 - ``param_groups`` (lr, betas, eps, weight_decay, ...) are NOT offered by default: DeepSpeed's
@@ -44,6 +47,9 @@ Decisions
 - The step is offered as a 0-d float32 tensor (what ``torch.optim.AdamW`` keeps); a stored int,
   float or tensor is cast into the target tensor. ``step_as="float"`` offers it as a Python
   float instead, for optimizers whose ``step`` is a number.
+- A ZeRO-3 flat tensor takes the shape recorded in ``param_shapes`` of the first model-states
+  file; without that file it stays 1-D (and a shape mismatch with the target is reported by the
+  planner).
 - Names come from the ``zero/`` folders and the model-states ``param_shapes``. A parameter in
   ``param_shapes`` is trainable: its fp32, moments and step are always offered, so a missing
   file fails the load with an error naming the key and the file expected, instead of being
@@ -153,42 +159,42 @@ def _stand_in(global_name: str) -> type:
     return cls
 
 
-def _torch_load(source: Any, *, mmap: bool = False, shapes_only: bool = False) -> Any:
+def _torch_load(source: Any, *, shapes_only: bool = False) -> Any:
     """``torch.load(weights_only=True)`` that tolerates DeepSpeed's own pickled objects.
 
-    ``source`` is a local path or a seekable binary file. ``shapes_only`` skips reading tensor
-    bytes (only the pickle is read; tensors come back uninitialised).
+    ``source`` is a local path (memory-mapped: only the bytes later touched are read) or a
+    seekable binary file. ``shapes_only`` reads no tensor bytes from a file object either (the
+    tensors come back uninitialised); it needs nothing for a local path, which is mapped.
     """
+    is_path = isinstance(source, (str, os.PathLike))
 
     def load() -> Any:
-        if not isinstance(source, (str, os.PathLike)):
-            source.seek(0)
         kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": True}
-        if mmap and not shapes_only:
-            kwargs["mmap"] = True
+        if is_path:
+            try:
+                return torch.load(source, mmap=True, **kwargs)
+            except RuntimeError as e:  # a legacy (non-zip) file cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(source, **kwargs)
+        source.seek(0)
         if shapes_only:
             with torch.serialization.skip_data():
                 return torch.load(source, **kwargs)
-        try:
-            return torch.load(source, **kwargs)
-        except RuntimeError as e:  # a legacy (non-zip) file cannot be memory-mapped
-            if "mmap" not in kwargs or "mmap" not in str(e):
-                raise
-            del kwargs["mmap"]
-            if not isinstance(source, (str, os.PathLike)):
-                source.seek(0)
-            return torch.load(source, **kwargs)
+        return torch.load(source, **kwargs)
 
     try:
         return load()
     except pickle.UnpicklingError as e:
-        if not isinstance(source, (str, os.PathLike)):
+        if not is_path:
             source.seek(0)
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+        if not unsafe:
+            raise
         foreign = [name for name in unsafe if not name.startswith("deepspeed.")]
-        if foreign or not unsafe:
+        if foreign:
             raise pickle.UnpicklingError(
-                f"refusing to unpickle {source}: it needs non-tensor globals {foreign or unsafe}"
+                f"refusing to unpickle {source}: it needs non-tensor globals {foreign}"
             ) from e
         with torch.serialization.safe_globals([(_stand_in(n), n) for n in unsafe]):
             return load()
@@ -521,7 +527,7 @@ class DeepSpeedUniversalReader(StorageReader):
                 local = os.path.join(root, *relpath.split("/"))
                 if not os.path.isfile(local):
                     raise FileNotFoundError(local)
-                return _torch_load(local, mmap=True, shapes_only=shapes_only)
+                return _torch_load(local, shapes_only=shapes_only)
             with fs.open(path, "rb") as f:
                 return _torch_load(f, shapes_only=shapes_only)
         except FileNotFoundError:
