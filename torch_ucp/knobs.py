@@ -50,6 +50,12 @@ def max_coalesce_gap_bytes() -> int:
     return _env_int("MAX_COALESCE_GAP", 1 << 20)
 
 
+def coalesce_limit_bytes() -> int:
+    """Merge neighbouring ranges only into reads up to this size: merging saves requests for
+    small pieces, while large pieces are cheaper read straight into their destination."""
+    return _env_int("COALESCE_LIMIT", 4 << 20)
+
+
 def max_read_request_bytes() -> int:
     """Split single range reads larger than this so big fragments read in parallel."""
     return _env_int("MAX_READ_REQUEST", 64 << 20)

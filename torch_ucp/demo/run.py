@@ -164,7 +164,7 @@ def _fmt_bytes(n: int) -> str:
 
 def run_demo(out_dir: str, cfg: ModelConfig, steps: int, keep: bool = False) -> int:
     os.makedirs(out_dir, exist_ok=True)
-    ckpt = os.path.join(out_dir, "step-%d" % steps)
+    ckpt = os.path.join(out_dir, f"step-{steps}")
     reference = os.path.join(out_dir, "reference.pt")
     if os.path.exists(ckpt):
         shutil.rmtree(ckpt)

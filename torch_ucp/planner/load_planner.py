@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
@@ -14,7 +15,6 @@ from torch.distributed.checkpoint.metadata import (
     MetadataIndex,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from torch_ucp.errors import LoadPlanError

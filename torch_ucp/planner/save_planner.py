@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
+    STATE_DICT_TYPE,
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
@@ -28,9 +29,9 @@ from torch.distributed.checkpoint.planner_helpers import (
     _create_write_item_for_bytesio,
     _create_write_items,
 )
-from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE
 from torch.distributed.tensor import DTensor
 
+from torch_ucp.metadata.codec import placement_to_json
 from torch_ucp.planner.layout import (
     Box,
     dtensor_boxes,
@@ -39,7 +40,6 @@ from torch_ucp.planner.layout import (
     placement_info,
     whole_box,
 )
-from torch_ucp.metadata.codec import placement_to_json
 from torch_ucp.planner.provenance import UCP_KEY, SaveInfo
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import os
 import threading
-
 from typing import Any
 
 import torch
-from torch.futures import Future
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
 
 from torch_ucp.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from torch_ucp.metadata.codec import decode_metadata

@@ -91,6 +91,21 @@ class _Piece:
     buffer_offset: int
 
 
+@dataclass
+class _Task:
+    """Reads run by one thread: pieces of one job, or one merged read of small jobs."""
+
+    object: str
+    pieces: list[_Piece]
+    merged: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        if self.merged:
+            return self.pieces[-1].start + self.pieces[-1].length - self.pieces[0].start
+        return sum(p.length for p in self.pieces)
+
+
 class FragmentReader:
     """Reads boxes of fragments from one checkpoint with bounded read amplification.
 
@@ -133,81 +148,83 @@ class FragmentReader:
             )
         needed = math.prod(r.lengths) * itemsize
         plan = plan_box_ranges(r.fragment_shape, r.offsets, r.lengths, itemsize, self.waste_ratio)
+        contiguous_dest = (
+            r.dest.is_contiguous() and r.dest.dtype == r.dtype and r.dest.device.type == "cpu"
+        )
         if self.verify and r.data.checksums and needed:
             first = int(plan.starts[0])
             last = int(plan.starts[-1]) + plan.span
             lo, hi = block_aligned_bounds(first, last, self.block_bytes, frag_bytes)
             if self.verify == "full" or hi - lo <= (1.0 + self.waste_ratio) * needed:
+                strides = c_strides(r.fragment_shape)
+                box_start = sum(o * s for o, s in zip(r.offsets, strides))
                 return _Job(
                     r,
                     [(lo, hi - lo)],
-                    c_strides(r.fragment_shape),
-                    (sum(o * s for o, s in zip(r.offsets, c_strides(r.fragment_shape)))
-                     - lo // itemsize),
+                    strides,
+                    box_start - lo // itemsize,
                     verify_whole=True,
-                    zero_copy=False,
+                    # the widened range is exactly the box: read it into the destination
+                    zero_copy=contiguous_dest and hi - lo == needed and lo == first,
                 )
         ranges = [(int(s), plan.span) for s in plan.starts]
         exact = len(ranges) == 1 and plan.span == needed
-        zero_copy = (
-            exact and r.dest.is_contiguous() and r.dest.dtype == r.dtype and r.dest.device.type == "cpu"
-        )
-        return _Job(r, ranges, plan.view_strides, plan.view_offset, False, zero_copy)
+        return _Job(r, ranges, plan.view_strides, plan.view_offset, False, exact and contiguous_dest)
 
-    def _tasks(self, jobs: list[_Job]) -> list[tuple[str, list[tuple[int, int]], list[list[_Piece]]]]:
-        """Group pieces per object into merged ranges, then pack ranges into tasks."""
-        by_object: dict[str, list[_Piece]] = {}
-        for job in jobs:
-            base = job.read.data.byte_offset
-            buf_off = 0
-            for start, length in job.ranges:
-                by_object.setdefault(job.read.data.object, []).append(
-                    _Piece(job, base + start, length, buf_off)
-                )
-                buf_off += length
-            job.pending = len(job.ranges)
+    def _tasks(self, jobs: list[_Job]) -> list[_Task]:
+        """Pack the jobs' ranges into read tasks.
+
+        A job with several ranges or a large range is read on its own, its ranges split into
+        tasks of at most ``max_read_request`` bytes. Small single-range jobs of one data object
+        (many small tensors) are sorted and neighbours merged into one request while the bytes
+        in between stay within the waste budget.
+        """
         max_gap = knobs.max_coalesce_gap_bytes()
         max_request = knobs.max_read_request_bytes()
-        task_bytes = max(1 << 20, max_request // 4)
-        tasks = []
-        for obj, pieces in by_object.items():
+        coalesce_limit = knobs.coalesce_limit_bytes()
+        tasks: list[_Task] = []
+        small: dict[str, list[_Piece]] = {}
+        for job in jobs:
+            obj, base = job.read.data.object, job.read.data.byte_offset
+            if len(job.ranges) == 1 and job.total < coalesce_limit:
+                small.setdefault(obj, []).append(_Piece(job, base + job.ranges[0][0], job.total, 0))
+                job.pending = 1
+                continue
+            pieces: list[_Piece] = []
+            task_bytes = 0
+            buf_off = 0
+            first_task = len(tasks)
+            for start, length in job.ranges:
+                for off in range(0, length, max_request):
+                    n = min(max_request, length - off)
+                    if pieces and task_bytes + n > max_request:
+                        tasks.append(_Task(obj, pieces))
+                        pieces, task_bytes = [], 0
+                    pieces.append(_Piece(job, base + start + off, n, buf_off + off))
+                    task_bytes += n
+                buf_off += length
+            tasks.append(_Task(obj, pieces))
+            job.pending = len(tasks) - first_task
+        for obj, pieces in small.items():
             pieces.sort(key=lambda p: p.start)
-            merged: list[tuple[int, int, list[_Piece]]] = []
+            group: list[_Piece] = []
             for p in pieces:
-                if merged:
-                    start, length, group = merged[-1]
-                    end = start + length
-                    gap = p.start - end
+                if group:
+                    start = group[0].start
+                    end = group[-1].start + group[-1].length
                     needed = sum(q.length for q in group) + p.length
+                    merged = p.start + p.length - start
                     if (
-                        0 <= gap <= max_gap
-                        and (length + gap + p.length) - needed <= self.waste_ratio * needed
-                        and length + gap + p.length <= max_request
+                        0 <= p.start - end <= max_gap
+                        and merged <= coalesce_limit
+                        and merged - needed <= self.waste_ratio * needed
                     ):
-                        merged[-1] = (start, p.start + p.length - start, [*group, p])
+                        group.append(p)
                         continue
-                merged.append((p.start, p.length, [p]))
-            # split ranges larger than max_request into parallel sub-reads of one piece
-            cur_ranges: list[tuple[int, int]] = []
-            cur_groups: list[list[_Piece]] = []
-            cur_bytes = 0
-            for start, length, group in merged:
-                if len(group) == 1 and length > max_request:
-                    p = group[0]
-                    for off in range(0, length, max_request):
-                        n = min(max_request, length - off)
-                        sub = _Piece(p.job, p.start + off, n, p.buffer_offset + off)
-                        tasks.append((obj, [(sub.start, n)], [[sub]]))
-                    p.job.pending += math.ceil(length / max_request) - 1
-                    continue
-                cur_ranges.append((start, length))
-                cur_groups.append(group)
-                cur_bytes += length
-                if cur_bytes >= task_bytes or len(cur_ranges) >= 4096:
-                    tasks.append((obj, cur_ranges, cur_groups))
-                    cur_ranges, cur_groups, cur_bytes = [], [], 0
-            if cur_ranges:
-                tasks.append((obj, cur_ranges, cur_groups))
+                    tasks.append(_Task(obj, group, merged=len(group) > 1))
+                group = [p]
+            if group:
+                tasks.append(_Task(obj, group, merged=len(group) > 1))
         return tasks
 
     # -- execution ----------------------------------------------------------------------------
@@ -224,34 +241,34 @@ class FragmentReader:
                 continue
             jobs.append(job)
         tasks = self._tasks(jobs)
-        local.requests = sum(len(ranges) for _, ranges, _ in tasks)
-        local.bytes_read = sum(n for _, ranges, _ in tasks for _, n in ranges)
+        local.requests = sum(1 if t.merged else len(t.pieces) for t in tasks)
+        local.bytes_read = sum(t.nbytes for t in tasks)
         done_lock = threading.Lock()
 
-        def run(task: tuple[str, list[tuple[int, int]], list[list[_Piece]]]) -> None:
-            obj, ranges, groups = task
-            outs: list[memoryview] = []
-            scratch: list[torch.Tensor | None] = []
-            for (start, length), group in zip(ranges, groups):
-                if len(group) == 1 and group[0].start == start and group[0].length == length:
-                    p = group[0]
-                    outs.append(p.job.memory()[p.buffer_offset : p.buffer_offset + length])
-                    scratch.append(None)
-                else:
-                    tmp = torch.empty(length, dtype=torch.uint8)
-                    outs.append(memoryview(tmp.numpy()))
-                    scratch.append(tmp)
-            self.store.read_into(obj, ranges, outs)
+        def run(task: _Task) -> None:
+            pieces = task.pieces
+            if task.merged:
+                start = pieces[0].start
+                scratch = torch.empty(task.nbytes, dtype=torch.uint8)
+                view = memoryview(scratch.numpy())
+                self.store.read_into(task.object, [(start, task.nbytes)], [view])
+                for p in pieces:
+                    p.job.memory()[p.buffer_offset : p.buffer_offset + p.length] = view[
+                        p.start - start : p.start - start + p.length
+                    ]
+            else:
+                mem = pieces[0].job.memory()
+                self.store.read_into(
+                    task.object,
+                    [(p.start, p.length) for p in pieces],
+                    [mem[p.buffer_offset : p.buffer_offset + p.length] for p in pieces],
+                )
             finished = []
-            for (start, _), group, tmp in zip(ranges, groups, scratch):
-                for p in group:
-                    if tmp is not None:
-                        src = memoryview(tmp.numpy())[p.start - start : p.start - start + p.length]
-                        p.job.memory()[p.buffer_offset : p.buffer_offset + p.length] = src
-                    with done_lock:
-                        p.job.pending -= 1
-                        if p.job.pending == 0:
-                            finished.append(p.job)
+            with done_lock:
+                for job in {id(p.job): p.job for p in pieces}.values():
+                    job.pending -= 1
+                    if job.pending == 0:
+                        finished.append(job)
             for job in finished:
                 self._finish(job, local)
 

@@ -1,0 +1,165 @@
+"""torch_ucp against stock DCP on the same generated sharded state, in one run.
+
+    python benchmarks/compare.py [--size-gib 1.0] [--world-size 2] [--dir /tmp/ucp-bench]
+
+Prints one table: save and same-layout load on local disk (torch_ucp vs FileSystemWriter /
+FileSystemReader with DCP's defaults and with 4 threads), and a resharded load (saved Shard(0)
+over 4 ranks, loaded Shard(1) over 2 ranks) with bytes read per bytes needed. Every save is
+durable when it returns (both systems fsync). Bytes read are the ranks' ``rchar`` from
+/proc/self/io, so both systems are counted the same way. Loads are verified bit-exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter  # noqa: E402
+from torch_ucp.demo.launch import run_distributed  # noqa: E402
+
+COLS = 4096
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _tensors(size_bytes: int) -> dict[str, tuple[int, int]]:
+    per = 64 << 20
+    n = max(1, size_bytes // per)
+    rows = per // (COLS * 4)
+    return {f"layer{i}.weight": (rows, COLS) for i in range(n)}
+
+
+def _full(name: str, shape: tuple[int, int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=g)
+
+
+def _state(size_bytes: int, placement: Any, fill: bool) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    return {
+        name: distribute_tensor(
+            _full(name, shape) if fill else torch.zeros(shape), mesh, [placement], src_data_rank=None
+        )
+        for name, shape in _tensors(size_bytes).items()
+    }
+
+
+def _timed(fn) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
+def save_rank(system: str, path: str, size_bytes: int, dim: int) -> dict[str, float]:
+    state = _state(size_bytes, Shard(dim), fill=True)
+    if system == "ucp":
+        seconds = _timed(lambda: dcp.save(state, storage_writer=UCPWriter(path), planner=UCPSavePlanner()))
+    else:
+        threads = 1 if system == "dcp" else 4
+        writer = dcp.FileSystemWriter(path, thread_count=threads)
+        seconds = _timed(lambda: dcp.save(state, storage_writer=writer))
+    return {"seconds": seconds}
+
+
+def load_rank(system: str, path: str, size_bytes: int, dim: int) -> dict[str, Any]:
+    state = _state(size_bytes, Shard(dim), fill=False)
+    before = _rchar()
+    if system == "ucp":
+        seconds = _timed(lambda: dcp.load(state, storage_reader=UCPReader(path), planner=UCPLoadPlanner()))
+    else:
+        threads = 1 if system == "dcp" else 4
+        reader = dcp.FileSystemReader(path)
+        if threads > 1 and hasattr(reader, "thread_count"):
+            reader.thread_count = threads
+        seconds = _timed(lambda: dcp.load(state, storage_reader=reader))
+    read = _rchar() - before
+    needed = sum(t.to_local().numel() * 4 for t in state.values())
+    ok = all(torch.equal(t.full_tensor(), _full(n, tuple(t.shape))) for n, t in state.items())
+    return {"seconds": seconds, "read": read, "needed": needed, "ok": ok}
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gib", type=float, default=1.0)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--dir", default="/tmp/torch-ucp-bench")
+    args = p.parse_args()
+    size = int(args.size_gib * 2**30)
+    total = sum(r * c * 4 for r, c in _tensors(size).values())
+    ws = args.world_size
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    rows: list[tuple[str, str, float, float, str]] = []
+
+    def path(name: str) -> str:
+        return os.path.join(args.dir, name)
+
+    print(f"state: {total / 2**30:.2f} GiB float32 over {ws} ranks, dir {args.dir}", flush=True)
+    save_s = {}
+    for system in ("dcp", "dcp-4t", "ucp"):
+        res = run_distributed(save_rank, ws, system, path(f"same-{system}"), size, 0)
+        save_s[system] = max(r["seconds"] for r in res)
+    for system in ("dcp", "dcp-4t"):
+        rows.append(("save", system, _gbps(total, save_s[system]), 1.0, ""))
+    rows.append(("save", "torch_ucp", _gbps(total, save_s["ucp"]),
+                 save_s["dcp"] / save_s["ucp"], f"{save_s['dcp-4t'] / save_s['ucp']:.2f}x vs dcp-4t"))
+
+    load_s = {}
+    for system in ("dcp", "dcp-4t", "ucp"):
+        src = "dcp" if system != "ucp" else "ucp"
+        res = run_distributed(load_rank, ws, system, path(f"same-{src}"), size, 0)
+        assert all(r["ok"] for r in res), f"{system}: same-layout load mismatch"
+        load_s[system] = max(r["seconds"] for r in res)
+    for system in ("dcp", "dcp-4t"):
+        rows.append(("load same layout", system, _gbps(total, load_s[system]), 1.0, ""))
+    rows.append(("load same layout", "torch_ucp", _gbps(total, load_s["ucp"]),
+                 load_s["dcp"] / load_s["ucp"], ""))
+
+    for system in ("dcp", "ucp"):
+        run_distributed(save_rank, 4, system, path(f"reshard-{system}"), size, 0)
+    reshard = {}
+    for system in ("dcp", "ucp"):
+        res = run_distributed(load_rank, 2, system, path(f"reshard-{system}"), size, 1)
+        assert all(r["ok"] for r in res), f"{system}: resharded load mismatch"
+        reshard[system] = (max(r["seconds"] for r in res), sum(r["read"] for r in res), sum(r["needed"] for r in res))
+    for system, label in (("dcp", "dcp"), ("ucp", "torch_ucp")):
+        s, read, needed = reshard[system]
+        rows.append(("load Shard(0)x4 -> Shard(1)x2", label, _gbps(total, s),
+                     reshard["dcp"][0] / s, f"read/needed {read / needed:.2f}"))
+
+    print()
+    print(f"{'operation':<32} {'system':<10} {'GB/s':>7} {'vs dcp':>8}  notes")
+    print("-" * 80)
+    for op, system, gbps, ratio, note in rows:
+        print(f"{op:<32} {system:<10} {gbps:>7.2f} {ratio:>7.2f}x  {note}")
+    shutil.rmtree(args.dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
