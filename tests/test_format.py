@@ -216,7 +216,9 @@ def test_codec_round_trip_with_every_optional_field():
                 placements=(PlacementInfo("replicate"),),
             ),
         },
-        objects={"step": ObjectEntry("step", "json", StoredBytes("data-x/00000-0.bin", 52, 2, (7,)), 0)},
+        objects={
+            "step": ObjectEntry("step", "json", StoredBytes("data-x/00000-0.bin", 52, 2, (7,)), 0)
+        },
         meshes=[MeshInfo((2, 2), ("dp", "tp")), MeshInfo((4,), None)],
         flatten_mapping={"w": ["w"], "r": ["r"], "step": ["step"]},
         checksum_algorithm="crc32",
@@ -355,7 +357,7 @@ def test_stock_pickled_metadata_is_rejected_with_hint(tmp_path):
     "payload, expected",
     [
         (b"not json at all", "is not JSON torch_ucp metadata"),
-        (b"{\"format\": \"torch_ucp\", ", "not valid JSON"),
+        (b'{"format": "torch_ucp", ', "not valid JSON"),
         (b'{"format": "something-else", "version": 1}', "is not torch_ucp checkpoint metadata"),
         (b'{"format": "torch_ucp", "version": 1}', "malformed torch_ucp metadata"),
         (b'{"format": "torch_ucp", "version": 0}', "format version 0"),
@@ -387,3 +389,56 @@ def test_stock_filesystem_reader_cannot_read_ucp_metadata(ckpt):
     # pickle.UnpicklingError ("invalid load key, '{'") on a torch_ucp checkpoint.
     with pytest.raises(pickle.UnpicklingError, match="invalid load key"):
         dcp.FileSystemReader(ckpt).read_metadata()
+
+
+def _mutate(path: str, edit) -> None:
+    d = json.loads(_read_metadata_bytes(path))
+    edit(d)
+    _write_metadata(path, json.dumps(d).encode())
+
+
+def _first_fragment(d: dict) -> dict:
+    return d["tensors"]["f32"]["fragments"][0]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda d: _first_fragment(d).__setitem__("object", 99), id="object-index"),
+        pytest.param(lambda d: d["tensors"]["f32"].__setitem__("dtype", "float128"), id="dtype"),
+        pytest.param(lambda d: d["tensors"]["f32"].__setitem__("shape", None), id="shape-none"),
+        pytest.param(lambda d: d["tensors"]["f32"].__setitem__("fragments", "x"), id="fragments"),
+        pytest.param(lambda d: d.__setitem__("checksum", None), id="checksum"),
+        pytest.param(lambda d: d.__setitem__("version", 1.0), id="version-float"),
+        pytest.param(lambda d: d.pop("save_id"), id="no-save-id"),
+        pytest.param(
+            lambda d: d.__setitem__("tensors", []),
+            id="tensors-list",
+        ),
+        pytest.param(
+            lambda d: d.__setitem__("objects", []),
+            id="objects-list",
+        ),
+        pytest.param(
+            lambda d: d.__setitem__("version", True),
+            id="version-true",
+        ),
+    ],
+)
+def test_malformed_metadata_is_unsupported_format(ckpt_copy, edit):
+    _mutate(ckpt_copy, edit)
+    with pytest.raises(UnsupportedFormatError) as e:
+        open_checkpoint(ckpt_copy)
+    assert os.path.join(ckpt_copy, METADATA_FILE) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "data-x/../../y.bin", "a//b"])
+def test_data_object_names_must_stay_inside_the_checkpoint(tmp_path, name):
+    path = tmp_path / "ckpt"
+    dcp.save({"w": torch.ones(3)}, storage_writer=UCPWriter(str(path)), planner=UCPSavePlanner(),
+             no_dist=True)
+    meta = json.loads((path / ".metadata").read_text())
+    meta["data_objects"][0] = name
+    (path / ".metadata").write_text(json.dumps(meta))
+    with pytest.raises(UnsupportedFormatError, match="not a relative path inside the checkpoint"):
+        open_checkpoint(str(path))

@@ -8,6 +8,7 @@ metadata of many-rank checkpoints compact.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from torch_ucp.errors import UnsupportedFormatError
@@ -60,10 +61,48 @@ def _stored_to_json(s: StoredBytes, table: _ObjectTable) -> dict[str, Any]:
     }
 
 
+_SAFE_OBJECT_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+def _check_object_name(name: Any) -> str:
+    """Data objects must stay inside the checkpoint folder: relative, no ``..``."""
+    if (
+        not isinstance(name, str)
+        or not _SAFE_OBJECT_NAME.match(name)
+        or any(part in (".", "..") for part in name.split("/"))
+    ):
+        raise ValueError(f"data object name {name!r} is not a relative path inside the checkpoint")
+    return name
+
+
+def _nonneg_int(value: Any, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def _stored_from_json(d: dict[str, Any], names: list[str]) -> StoredBytes:
+    index = _nonneg_int(d["object"], "object index")
+    if index >= len(names):
+        raise ValueError(f"object index {index} out of range ({len(names)} data objects)")
     return StoredBytes(
-        names[d["object"]], d["byte_offset"], d["byte_length"], tuple(d.get("checksums", ()))
+        names[index],
+        _nonneg_int(d["byte_offset"], "byte_offset"),
+        _nonneg_int(d["byte_length"], "byte_length"),
+        tuple(d.get("checksums", ())),
     )
+
+
+def _check_fragment(fqn: str, shape: tuple[int, ...], f: Fragment) -> Fragment:
+    if len(f.offsets) != len(shape) or len(f.lengths) != len(shape):
+        raise ValueError(f"{fqn}: fragment rank does not match shape {list(shape)}")
+    for o, n, size in zip(f.offsets, f.lengths, shape):
+        if type(o) is not int or type(n) is not int or o < 0 or n < 0 or o + n > size:
+            raise ValueError(
+                f"{fqn}: fragment at {list(f.offsets)} of {list(f.lengths)} lies outside "
+                f"shape {list(shape)}"
+            )
+    return f
 
 
 def metadata_to_dict(meta: CheckpointMetadata) -> dict[str, Any]:
@@ -117,27 +156,32 @@ def metadata_from_dict(d: dict[str, Any], source: str = "<metadata>") -> Checkpo
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise UnsupportedFormatError(f"{source} is not torch_ucp checkpoint metadata")
     version = d.get("version")
-    if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1 or version > FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"{source} has format version {version!r}; this torch_ucp reads versions "
             f"1..{FORMAT_VERSION}. Upgrade torch_ucp to load it."
         )
     try:
-        names: list[str] = d["data_objects"]
+        names: list[str] = [_check_object_name(n) for n in d["data_objects"]]
         tensors = {}
         for fqn, t in d["tensors"].items():
             placements = t.get("placements")
+            shape = tuple(_nonneg_int(s, f"{fqn}: shape entry") for s in t["shape"])
             tensors[fqn] = TensorEntry(
                 fqn=fqn,
                 dtype=name_to_dtype(t["dtype"]),
-                shape=tuple(t["shape"]),
+                shape=shape,
                 fragments=[
-                    Fragment(
-                        offsets=tuple(f["offsets"]),
-                        lengths=tuple(f["lengths"]),
-                        data=_stored_from_json(f, names),
-                        rank=f.get("rank"),
-                        coordinate=tuple(f["coordinate"]) if "coordinate" in f else None,
+                    _check_fragment(
+                        fqn,
+                        shape,
+                        Fragment(
+                            offsets=tuple(f["offsets"]),
+                            lengths=tuple(f["lengths"]),
+                            data=_stored_from_json(f, names),
+                            rank=f.get("rank"),
+                            coordinate=tuple(f["coordinate"]) if "coordinate" in f else None,
+                        ),
                     )
                     for f in t["fragments"]
                 ],
@@ -168,7 +212,7 @@ def metadata_from_dict(d: dict[str, Any], source: str = "<metadata>") -> Checkpo
             created=d.get("created", 0.0),
             version=version,
         )
-    except (KeyError, TypeError, IndexError, ValueError) as e:
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
         raise UnsupportedFormatError(f"{source}: malformed torch_ucp metadata ({e!r})") from e
 
 

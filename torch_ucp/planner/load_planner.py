@@ -166,6 +166,8 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], value)
         else:
+            # self.state_dict may be a copy (sharded-tensor flattening); write the caller's dict
+            self.original_state_dict[fqn] = value
             self.state_dict[fqn] = value
 
 

@@ -39,7 +39,10 @@ def read_object(store: Store, entry: ObjectEntry, meta: CheckpointMetadata, veri
     data = entry.data
     buf = bytearray(data.byte_length)
     if data.byte_length:
-        store.read_into(data.object, [(data.byte_offset, data.byte_length)], [memoryview(buf)])
+        try:
+            store.read_into(data.object, [(data.byte_offset, data.byte_length)], [memoryview(buf)])
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"cannot read value {entry.fqn!r}: {e}") from e
     if verify and data.checksums:
         fn = checksum_function(meta.checksum_algorithm)
         block = meta.checksum_block_bytes

@@ -246,6 +246,14 @@ class FragmentReader:
         done_lock = threading.Lock()
 
         def run(task: _Task) -> None:
+            try:
+                read_task(task)
+            except CorruptCheckpointError as e:
+                names = sorted({p.job.read.name for p in task.pieces})
+                shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
+                raise CorruptCheckpointError(f"cannot read tensor {shown}: {e}") from e
+
+        def read_task(task: _Task) -> None:
             pieces = task.pieces
             if task.merged:
                 start = pieces[0].start
