@@ -64,3 +64,21 @@ def max_read_request_bytes() -> int:
 def write_buffer_bytes() -> int:
     """Block size handed to fsspec for streaming writes (multipart part size on S3)."""
     return _env_int("WRITE_BUFFER_BYTES", 32 << 20)
+
+
+def retry_attempts() -> int:
+    """Calls of one storage operation before a transient error is final."""
+    return _env_int("RETRY_ATTEMPTS", 6)
+
+
+def retry_deadline_seconds() -> float:
+    """No new retry of one storage operation after this many seconds."""
+    return _env_float("RETRY_DEADLINE", 120.0)
+
+
+def retry_base_delay() -> float:
+    return _env_float("RETRY_BASE_DELAY", 0.2)
+
+
+def retry_max_delay() -> float:
+    return _env_float("RETRY_MAX_DELAY", 5.0)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from torch_ucp.cli.common import CommandError
+from torch_ucp.errors import CheckpointError
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -21,12 +24,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(p)
     p.set_defaults(handler=demo.main)
+
+    from torch_ucp.cli import verify
+
+    p = sub.add_parser(
+        "verify",
+        help="check a checkpoint: metadata, coverage, object sizes, every checksum",
+        description=verify.__doc__,
+    )
+    verify.add_arguments(p)
+    p.set_defaults(handler=verify.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except CommandError as e:
+        print(f"torch-ucp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"torch-ucp {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -246,28 +246,20 @@ class FragmentReader:
         done_lock = threading.Lock()
 
         def run(task: _Task) -> None:
-            try:
-                read_task(task)
-            except CorruptCheckpointError as e:
-                names = sorted({p.job.read.name for p in task.pieces})
-                shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
-                raise CorruptCheckpointError(f"cannot read tensor {shown}: {e}") from e
-
-        def read_task(task: _Task) -> None:
             pieces = task.pieces
             if task.merged:
                 start = pieces[0].start
                 scratch = torch.empty(task.nbytes, dtype=torch.uint8)
                 view = memoryview(scratch.numpy())
-                self.store.read_into(task.object, [(start, task.nbytes)], [view])
+                self._read_into(task, [(start, task.nbytes)], [view])
                 for p in pieces:
                     p.job.memory()[p.buffer_offset : p.buffer_offset + p.length] = view[
                         p.start - start : p.start - start + p.length
                     ]
             else:
                 mem = pieces[0].job.memory()
-                self.store.read_into(
-                    task.object,
+                self._read_into(
+                    task,
                     [(p.start, p.length) for p in pieces],
                     [mem[p.buffer_offset : p.buffer_offset + p.length] for p in pieces],
                 )
@@ -290,6 +282,16 @@ class FragmentReader:
         with self._stats_lock:
             self.stats.add(local)
         return local
+
+    def _read_into(
+        self, task: _Task, ranges: list[tuple[int, int]], outs: list[memoryview]
+    ) -> None:
+        try:
+            self.store.read_into(task.object, ranges, outs)
+        except CorruptCheckpointError as e:  # name the tensors, not just the object
+            names = sorted({p.job.read.name for p in task.pieces})
+            shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
+            raise CorruptCheckpointError(f"cannot read tensor {shown}: {e}") from e
 
     def _finish(self, job: _Job, stats: ReadStats) -> None:
         r = job.read

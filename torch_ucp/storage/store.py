@@ -14,14 +14,17 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from collections.abc import Sequence
-from typing import IO, Any
+from collections.abc import Callable, Sequence
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from torch_ucp import knobs
 from torch_ucp.errors import CorruptCheckpointError
+from torch_ucp.storage.retry import retry
+
+T = TypeVar("T")
 
 
 class Store:
@@ -60,6 +63,15 @@ class Store:
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
+    def retrying(self, fn: Callable[[], T], what: str, on_retry: Callable[[], None] | None = None) -> T:
+        """Run ``fn`` with bounded retries of transient errors on remote stores.
+
+        Local disk errors are not transient (a full disk stays full), so they fail at once.
+        """
+        if self.is_local:
+            return fn()
+        return retry(fn, what, on_retry=on_retry)
+
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
 
@@ -69,10 +81,14 @@ class Store:
 
     # -- reads --------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        def exists() -> bool:
+            self.fs.invalidate_cache(self.path(rel))  # other ranks/processes may have written it
+            return self.fs.exists(self.path(rel))
+
+        return self.retrying(exists, f"checking {self.describe(rel)}")
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self.retrying(lambda: self.fs.cat_file(self.path(rel)), f"reading {self.describe(rel)}")
 
     def read_into(self, rel: str, ranges: Sequence[tuple[int, int]], outs: Sequence[memoryview]) -> None:
         """Read each ``(start, length)`` range of ``rel`` into the matching writable buffer."""
@@ -80,18 +96,24 @@ class Store:
             self._read_into_local(rel, ranges, outs)
             return
         path = self.path(rel)
-        try:
-            blobs = self.fs.cat_ranges(
-                [path] * len(ranges),
-                [s for s, _ in ranges],
-                [s + n for s, n in ranges],
-                on_error="raise",
-            )
-        except FileNotFoundError as e:
-            raise CorruptCheckpointError(f"data object {self.describe(rel)} is missing") from e
+
+        def fetch() -> list[bytes]:
+            try:
+                return self.fs.cat_ranges(
+                    [path] * len(ranges),
+                    [s for s, _ in ranges],
+                    [s + n for s, n in ranges],
+                    on_error="raise",
+                )
+            except FileNotFoundError as e:
+                raise CorruptCheckpointError(f"data object {self.describe(rel)} is missing") from e
+            except OSError as e:
+                if _error_code(e) == "InvalidRange":  # S3: the range starts past the end
+                    raise _short_read(self.describe(rel), ranges[0][0], ranges[0][1], 0) from e
+                raise
+
+        blobs = self.retrying(fetch, f"reading {len(ranges)} ranges of {self.describe(rel)}")
         for (start, length), blob, out in zip(ranges, blobs, outs):
-            if isinstance(blob, Exception):
-                raise blob
             if len(blob) != length:
                 raise _short_read(self.describe(rel), start, length, len(blob))
             out[:] = blob
@@ -126,6 +148,18 @@ class Store:
             return open(self.path(rel), "wb", buffering=0)  # noqa: SIM115 - closed by caller
         return self.fs.open(self.path(rel), "wb", block_size=knobs.write_buffer_bytes())
 
+    def abort_write(self, f: IO[bytes]) -> None:
+        """Give up a stream from :meth:`open_write`: abort a multipart upload (nothing is
+        published); on local disk the partial file stays until the next save cleans it up."""
+        discard = getattr(f, "discard", None)
+        try:
+            if discard is not None and not self.is_local:
+                discard()
+            else:
+                f.close()
+        except Exception:  # noqa: BLE001 - best effort, the original error matters
+            pass
+
     def close_durably(self, f: IO[bytes]) -> None:
         """Close a stream from :meth:`open_write` with its bytes on stable storage.
 
@@ -154,7 +188,7 @@ class Store:
         directory (rename is atomic there). Object stores: a single PUT, which is atomic.
         """
         if not self.is_local:
-            self.fs.pipe_file(self.path(rel), data)
+            self.retrying(lambda: self.fs.pipe_file(self.path(rel), data), f"writing {self.describe(rel)}")
             return
         final = self.path(rel)
         directory = os.path.dirname(final)
@@ -169,18 +203,33 @@ class Store:
 
     def list_dir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under ``rel``; empty if it does not exist."""
-        try:
-            entries = self.fs.ls(self.path(rel), detail=False)
-        except FileNotFoundError:
-            return []
+        def ls() -> list[str]:
+            try:
+                self.fs.invalidate_cache(self.path(rel))
+                return self.fs.ls(self.path(rel), detail=False)
+            except FileNotFoundError:
+                return []
+
+        entries = self.retrying(ls, f"listing {self.describe(rel)}")
         return [posixpath.basename(e.rstrip("/")) for e in entries]
 
     def remove(self, rel: str) -> None:
         """Delete an object or a folder of objects, ignoring what is already gone."""
-        try:
-            self.fs.rm(self.path(rel), recursive=True)
-        except FileNotFoundError:
-            pass
+        def rm() -> None:
+            try:
+                self.fs.rm(self.path(rel), recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self.retrying(rm, f"removing {self.describe(rel)}")
+
+
+def _error_code(exc: BaseException) -> str | None:
+    cause = exc.__cause__
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict):
+        return response.get("Error", {}).get("Code")
+    return None
 
 
 def _short_read(name: str, start: int, length: int, got: int) -> CorruptCheckpointError:

@@ -179,30 +179,10 @@ class UCPWriter(StorageWriter):
 
         def write_object(k: int, items: list[WriteItem]) -> list[WriteResult]:
             rel = f"{folder}/{assignment.rank:05d}-{k}.bin"
-            results = []
-            offset = 0
-            f = self.store.open_write(rel)
-            try:
-                for item in items:
-                    data, encoding = self._item_bytes(item, planner)
-                    checks = block_checksums(
-                        data, self.checksum_block_bytes, self.checksum_algorithm
-                    )
-                    _write_all(f, data)
-                    stored = StoredBytes(rel, offset, len(data), tuple(checks))
-                    results.append(
-                        WriteResult(
-                            index=item.index,
-                            size_in_bytes=len(data),
-                            storage_data=_ItemStored(stored, assignment.rank, encoding),
-                        )
-                    )
-                    offset += len(data)
-                self.store.close_durably(f)
-            except BaseException:
-                f.close()
-                raise
-            return results
+            return self.store.retrying(
+                lambda: self._write_object(rel, items, planner, assignment.rank),
+                f"writing {self.store.describe(rel)}",
+            )
 
         self.store.makedirs(folder)
         if len(bins) <= 1:
@@ -217,6 +197,34 @@ class UCPWriter(StorageWriter):
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _write_object(
+        self, rel: str, items: list[WriteItem], planner: SavePlanner, rank: int
+    ) -> list[WriteResult]:
+        """Stream ``items`` into one data object; on failure abort it (retries rewrite it)."""
+        assert self.store is not None
+        results = []
+        offset = 0
+        f = self.store.open_write(rel)
+        try:
+            for item in items:
+                data, encoding = self._item_bytes(item, planner)
+                checks = block_checksums(data, self.checksum_block_bytes, self.checksum_algorithm)
+                _write_all(f, data)
+                stored = StoredBytes(rel, offset, len(data), tuple(checks))
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=len(data),
+                        storage_data=_ItemStored(stored, rank, encoding),
+                    )
+                )
+                offset += len(data)
+            self.store.close_durably(f)
+        except BaseException:
+            self.store.abort_write(f)
+            raise
+        return results
 
     def _item_bytes(self, item: WriteItem, planner: SavePlanner) -> tuple[memoryview, str | None]:
         if item.type != WriteItemType.BYTE_IO:

@@ -1,0 +1,56 @@
+"""Option handling shared by every ``torch-ucp`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option for the URL (repeatable), e.g. -o endpoint_url=http://"
+        "127.0.0.1:9000 -o anon=false; VALUE is parsed as JSON when it can be. The usual "
+        "s3fs / botocore environment variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...) "
+        "work unchanged.",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--storage-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+@contextmanager
+def progress(args: argparse.Namespace, total: int | None, desc: str) -> Iterator[Any]:
+    """A tqdm bar on stderr when it is a terminal and not ``--quiet``; else a no-op."""
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional
+        yield lambda n: None
+        return
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr) as bar:
+        yield bar.update
