@@ -16,20 +16,22 @@ SAVE = ["ws1-plain", "ws2-shard1", "ws2-replicate", "ws4-shard0", "ws4-2d", "ws4
 LOAD = ["ws1-plain", "ws2-shard0", "ws2-shard1", "ws4-2d-swapped", "ws4-fsdp-tp-strided", "ws4-shard1"]
 
 
-def run_matrix(base: str, storage_options: dict) -> dict:
+def run_matrix(base: str, storage_options: dict, save: list[str] = SAVE, load: list[str] = LOAD) -> dict:
+    """Save every ``save`` layout under ``base``, load each into every ``load`` layout; returns
+    ``{"source->target": [problems]}``."""
     for ws in (1, 2, 4):
-        layouts = [s for s in SAVE if world_size(s) == ws]
+        layouts = [s for s in save if world_size(s) == ws]
         if ws == 1:
             save_layouts(base, layouts, storage_options)
         else:
             run_distributed(save_layouts, ws, base, layouts, storage_options)
     results: dict = {}
     for ws in (1, 2, 4):
-        targets = [t for t in LOAD if world_size(t) == ws]
+        targets = [t for t in load if world_size(t) == ws]
         if ws == 1:
-            per_rank = [load_layouts(base, SAVE, targets, storage_options)]
+            per_rank = [load_layouts(base, save, targets, storage_options)]
         else:
-            per_rank = run_distributed(load_layouts, ws, base, SAVE, targets, storage_options)
+            per_rank = run_distributed(load_layouts, ws, base, save, targets, storage_options)
         for case in per_rank[0]:
             results[case] = sorted({p for r in per_rank for p in r[case]["problems"]})
     return results
