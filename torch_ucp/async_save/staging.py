@@ -1,0 +1,310 @@
+"""Staging a state dict into reusable host memory: :class:`StagingPool`.
+
+An asynchronous save must copy the state out of the training tensors before training mutates
+them; the copy is the only part of a save the caller waits for. Stock ``dcp.async_save`` deep
+copies into freshly allocated memory every time: the caller pays for page faults on top of the
+copy, and host memory is allocated and freed once per save (pytorch#170163,
+Megatron-Bridge PR #359). A :class:`StagingPool` instead keeps one *arena* of host memory:
+
+* The first save lays every tensor of the state out in the arena (64-byte aligned) and
+  allocates it once: an anonymous ``mmap`` advised to use transparent huge pages, page-locked
+  with ``cudaHostRegister`` when CUDA is available so device-to-host copies are true DMA.
+* Later saves with the same shapes and dtypes (or any state that fits) reuse the arena: no
+  allocation, no page faults, no growth. ``allocations`` counts arena allocations.
+* CPU tensors are copied with ``copy_``; CUDA tensors with ``copy_(non_blocking=True)`` on one
+  side stream per device, ordered after the work already queued on the current stream, and one
+  synchronisation of those streams at the end.
+* DTensors are staged by copying their local tensor and rebuilding a DTensor with the same
+  mesh, placements, global shape and stride (``DTensor.from_local(..., run_check=False)``), so
+  the save planner still sees the layout. Non-tensor values are deep-copied.
+
+**Bounded staging.** With ``max_bytes`` smaller than the state, only part of it fits. The pool
+then fills the arena (at most ``max_bytes``) with the tensors that come *last* in the state
+dict, which a writer reaches last, and leaves the others *streamed*: the staged state keeps a
+reference to the live tensor and the background writer copies each of its fragments out when
+it gets to it (see :mod:`torch_ucp.async_save.streaming`). The caller stays blocked until every
+streamed fragment has been copied, so the caller's blocked time becomes roughly "stage the
+arena part + plan + write the streamed part", while host memory stays bounded by ``max_bytes``
+plus the fragments the writer holds at once (one per writer thread for
+:class:`torch_ucp.UCPWriter`), and no memory is kept from one save to the next beyond the arena.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import mmap
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT = 64  # bytes; every staged tensor starts on a cache line (and any dtype's alignment)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _poolable(t: torch.Tensor) -> bool:
+    """Plain strided tensors of ordinary dtypes go to the arena; anything else is deep-copied."""
+    return (
+        t.layout == torch.strided
+        and not t.is_quantized
+        and not t.is_nested
+        and t.device.type != "meta"
+        and (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+    )
+
+
+class _Leaf:
+    """Placeholder for one tensor of the state while the arena layout is decided."""
+
+    __slots__ = ("source", "local", "nbytes", "offset", "pooled")
+
+    def __init__(self, source: torch.Tensor, local: torch.Tensor) -> None:
+        self.source = source  # the caller's tensor or DTensor
+        self.local = local  # what gets copied: the tensor itself or the DTensor's local shard
+        self.nbytes = _nbytes(local)
+        self.offset = -1
+        self.pooled = False
+
+
+@dataclass
+class StagedState:
+    """The outcome of :meth:`StagingPool.stage`.
+
+    Attributes:
+        state_dict: the staged state: same structure, tensors in the arena (or, for streamed
+            tensors, the caller's live tensors), other values deep copies.
+        pooled_bytes: bytes copied into the arena.
+        streamed_bytes: bytes of tensors left live for the writer to copy (bounded staging).
+        streamed_ids: ``id()`` of the live tensors/DTensors kept in ``state_dict``.
+        seconds: time spent staging.
+        allocated: whether this call allocated (or re-allocated) the arena.
+    """
+
+    state_dict: dict[str, Any]
+    pooled_bytes: int = 0
+    streamed_bytes: int = 0
+    streamed_ids: frozenset[int] = field(default_factory=frozenset)
+    seconds: float = 0.0
+    allocated: bool = False
+
+
+class StagingPool:
+    """Reusable host memory for staging state dicts; see the module docstring.
+
+    Not thread-safe: one thread stages at a time, and a staged state must not be in use (being
+    written) when the next :meth:`stage` call reuses the arena; :class:`AsyncSaver` guarantees
+    both by allowing one save in flight.
+
+    Args:
+        pin_memory: page-lock the arena for fast device-to-host copies. Default: whether CUDA
+            is available.
+    """
+
+    def __init__(self, *, pin_memory: bool | None = None) -> None:
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.allocations = 0
+        self.allocated_bytes = 0  # total over all allocations (grows only on re-allocation)
+        self._arena: torch.Tensor | None = None
+        self._mmap: mmap.mmap | None = None
+        self._pinned_ptr: int | None = None
+        self._streams: dict[int, Any] = {}
+
+    # -- memory -------------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        """Size of the current arena (0 before the first save and after :meth:`close`)."""
+        return 0 if self._arena is None else self._arena.numel()
+
+    def _release_arena(self) -> None:
+        if self._pinned_ptr is not None:
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
+            except Exception as e:  # noqa: BLE001 - releasing memory must not fail a save
+                logger.warning("torch_ucp: unpinning the staging arena failed: %s", e)
+            self._pinned_ptr = None
+        self._arena = None
+        self._mmap = None  # unmapped once no staged tensor refers to it
+
+    def _allocate(self, nbytes: int) -> None:
+        self._release_arena()
+        nbytes = max(nbytes, ALIGNMENT)
+        m = mmap.mmap(-1, nbytes)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # pragma: no cover - kernels without THP
+                pass
+        arena = torch.frombuffer(m, dtype=torch.uint8)
+        if self.pin_memory:
+            self._pin(arena)
+        self._mmap, self._arena = m, arena
+        self.allocations += 1
+        self.allocated_bytes += nbytes
+        logger.info(
+            "torch_ucp: allocated a %.1f MiB staging arena%s (allocation %d)",
+            nbytes / 2**20, " (pinned)" if self._pinned_ptr is not None else "", self.allocations,
+        )
+
+    def _pin(self, arena: torch.Tensor) -> None:  # pragma: no cover - needs CUDA
+        ptr, size = arena.data_ptr(), arena.numel()
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 1))  # cudaHostRegisterPortable
+        if err != 0:
+            logger.warning(
+                "torch_ucp: page-locking the %.1f MiB staging arena failed (cudaError %d); "
+                "staging from CUDA will use pageable memory", size / 2**20, err,
+            )
+            return
+        self._pinned_ptr = ptr
+
+    def close(self) -> None:
+        """Release the arena (and its page-locking). The pool can be used again afterwards."""
+        self._release_arena()
+        self._streams.clear()
+
+    # -- staging ------------------------------------------------------------------------------
+    def stage(self, state_dict: Mapping[str, Any], *, max_bytes: int | None = None) -> StagedState:
+        """Copy ``state_dict`` into the arena and return the staged state.
+
+        ``state_dict`` is a nested structure of dicts, lists and tuples (``Stateful`` entries
+        already replaced by their ``state_dict()``). With ``max_bytes`` set and the tensors
+        larger than that, only a suffix of the tensors is staged and the rest is streamed
+        (see the module docstring); the arena never exceeds ``max_bytes``.
+        """
+        t0 = time.perf_counter()
+        leaves: list[_Leaf] = []
+        by_id: dict[int, _Leaf] = {}
+        template = _collect(state_dict, leaves, by_id)
+        allocated = self._lay_out(leaves, max_bytes)
+        assert self._arena is not None or not any(leaf.pooled for leaf in leaves)
+        staged: dict[int, torch.Tensor] = {}
+        streams: set[Any] = set()
+        with torch.no_grad():
+            for leaf in leaves:
+                if leaf.pooled:
+                    staged[id(leaf)] = self._copy_in(leaf, streams)
+            for stream in streams:  # pragma: no cover - needs CUDA
+                stream.synchronize()
+        out = _build(template, staged)
+        streamed = [leaf for leaf in leaves if not leaf.pooled]
+        return StagedState(
+            state_dict=out,
+            pooled_bytes=sum(leaf.nbytes for leaf in leaves if leaf.pooled),
+            streamed_bytes=sum(leaf.nbytes for leaf in streamed),
+            streamed_ids=frozenset(id(leaf.source) for leaf in streamed),
+            seconds=time.perf_counter() - t0,
+            allocated=allocated,
+        )
+
+    def _lay_out(self, leaves: list[_Leaf], max_bytes: int | None) -> bool:
+        """Choose which leaves go to the arena and where; (re-)allocate it if needed."""
+        total = sum(_align(leaf.nbytes) for leaf in leaves)
+        if max_bytes is not None and max_bytes > 0 and total > max_bytes:
+            budget = max_bytes
+            for leaf in reversed(leaves):  # the tail of the state is written last
+                if _align(leaf.nbytes) <= budget:
+                    leaf.pooled = True
+                    budget -= _align(leaf.nbytes)
+        else:
+            for leaf in leaves:
+                leaf.pooled = True
+        offset = 0
+        for leaf in leaves:
+            if leaf.pooled:
+                leaf.offset = offset
+                offset += _align(leaf.nbytes)
+        if offset == 0:
+            return False
+        too_big = max_bytes is not None and max_bytes > 0 and self.capacity_bytes > max_bytes
+        if self._arena is None or self.capacity_bytes < offset or too_big:
+            self._allocate(offset)
+            return True
+        return False
+
+    def _copy_in(self, leaf: _Leaf, streams: set[Any]) -> torch.Tensor:
+        assert self._arena is not None
+        src = leaf.local
+        buf = self._arena[leaf.offset : leaf.offset + leaf.nbytes].view(src.dtype).view(src.shape)
+        if src.device.type == "cuda":  # pragma: no cover - needs CUDA
+            stream = self._side_stream(src.device)
+            stream.wait_stream(torch.cuda.current_stream(src.device))
+            with torch.cuda.stream(stream):
+                buf.copy_(src.detach(), non_blocking=True)
+            streams.add(stream)
+        else:
+            buf.copy_(src.detach())
+        if isinstance(leaf.source, DTensor):
+            return rebuild_dtensor(buf, leaf.source)
+        return buf
+
+    def _side_stream(self, device: torch.device) -> Any:  # pragma: no cover - needs CUDA
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = torch.cuda.Stream(device=index)
+        return stream
+
+
+def rebuild_dtensor(local: torch.Tensor, like: DTensor) -> DTensor:
+    """A DTensor with ``like``'s mesh, placements, global shape and stride over ``local``.
+
+    ``DTensor.from_local`` moves a local tensor to the mesh's device type, which would copy a
+    staged host buffer straight back to the GPU; for a mesh on another device type the DTensor
+    is therefore built from ``like``'s spec directly, keeping ``local`` on the host (what DCP's
+    own stager produces).
+    """
+    mesh = like.device_mesh
+    if mesh.device_type == local.device.type:
+        return DTensor.from_local(
+            local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+        )
+    return DTensor(local, like._spec, requires_grad=False)
+
+
+def _collect(obj: Any, leaves: list[_Leaf], by_id: dict[int, _Leaf]) -> Any:
+    """The structure of ``obj`` with tensors replaced by :class:`_Leaf` placeholders (one per
+    distinct tensor object) and every other leaf value deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if isinstance(obj, DTensor) else obj
+        if isinstance(obj, DTensor) or _poolable(obj):
+            if not _poolable(local):
+                return copy.deepcopy(obj)
+            leaf = by_id.get(id(obj))
+            if leaf is None:
+                leaf = by_id[id(obj)] = _Leaf(obj, local)
+                leaves.append(leaf)
+            return leaf
+        return copy.deepcopy(obj)  # ShardedTensor, quantized, sparse, nested ...
+    if isinstance(obj, dict):
+        items = [(k, _collect(v, leaves, by_id)) for k, v in obj.items()]
+        return type(obj)(items) if type(obj) is not dict else dict(items)
+    if isinstance(obj, list):
+        return [_collect(v, leaves, by_id) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_collect(v, leaves, by_id) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _build(template: Any, staged: dict[int, torch.Tensor]) -> Any:
+    if isinstance(template, _Leaf):
+        return staged.get(id(template), template.source)  # streamed leaves stay live
+    if isinstance(template, dict):
+        items = [(k, _build(v, staged)) for k, v in template.items()]
+        return type(template)(items) if type(template) is not dict else dict(items)
+    if isinstance(template, list):
+        return [_build(v, staged) for v in template]
+    if type(template) is tuple:
+        return tuple(_build(v, staged) for v in template)
+    return template
