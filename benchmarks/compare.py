@@ -71,28 +71,43 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def save_rank(system: str, path: str, size_bytes: int, dim: int) -> dict[str, float]:
-    state = _state(size_bytes, Shard(dim), fill=True)
+def _writer(system: str, path: str, options: dict[str, Any]):
+    """``ucp``; stock ``dcp`` / ``dcp-4t`` (FileSystemWriter, 1 or 4 threads); stock
+    ``fsspec`` (FsspecWriter; sync_files off: s3fs files have no fileno, pytorch#142396)."""
     if system == "ucp":
-        seconds = _timed(lambda: dcp.save(state, storage_writer=UCPWriter(path), planner=UCPSavePlanner()))
-    else:
-        threads = 1 if system == "dcp" else 4
-        writer = dcp.FileSystemWriter(path, thread_count=threads)
-        seconds = _timed(lambda: dcp.save(state, storage_writer=writer))
+        return UCPWriter(path, **options)
+    threads = 4 if system.endswith("-4t") else 1
+    if system.startswith("fsspec"):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(path, thread_count=threads, sync_files=False, **options)
+    return dcp.FileSystemWriter(path, thread_count=threads)
+
+
+def _reader(system: str, path: str, options: dict[str, Any]):
+    if system == "ucp":
+        return UCPReader(path, **options)
+    if system.startswith("fsspec"):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(path, **options)
+    return dcp.FileSystemReader(path)
+
+
+def save_rank(system: str, path: str, size_bytes: int, dim: int, options: dict | None = None) -> dict[str, float]:
+    state = _state(size_bytes, Shard(dim), fill=True)
+    writer = _writer(system, path, options or {})
+    planner = UCPSavePlanner() if system == "ucp" else None
+    seconds = _timed(lambda: dcp.save(state, storage_writer=writer, planner=planner))
     return {"seconds": seconds}
 
 
-def load_rank(system: str, path: str, size_bytes: int, dim: int) -> dict[str, Any]:
+def load_rank(system: str, path: str, size_bytes: int, dim: int, options: dict | None = None) -> dict[str, Any]:
     state = _state(size_bytes, Shard(dim), fill=False)
     before = _rchar()
-    if system == "ucp":
-        seconds = _timed(lambda: dcp.load(state, storage_reader=UCPReader(path), planner=UCPLoadPlanner()))
-    else:
-        threads = 1 if system == "dcp" else 4
-        reader = dcp.FileSystemReader(path)
-        if threads > 1 and hasattr(reader, "thread_count"):
-            reader.thread_count = threads
-        seconds = _timed(lambda: dcp.load(state, storage_reader=reader))
+    reader = _reader(system, path, options or {})
+    planner = UCPLoadPlanner() if system == "ucp" else None
+    seconds = _timed(lambda: dcp.load(state, storage_reader=reader, planner=planner))
     read = _rchar() - before
     needed = sum(t.to_local().numel() * 4 for t in state.values())
     ok = all(torch.equal(t.full_tensor(), _full(n, tuple(t.shape))) for n, t in state.items())
@@ -103,11 +118,39 @@ def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
+def _s3_rows(size: int, ws: int) -> list[tuple[str, str, float, float, str]]:
+    from tests.support.fault_proxy import RETRY_STORAGE_OPTIONS
+    from tests.support.s3 import S3Server
+
+    total = sum(r * c * 4 for r, c in _tensors(size).values())
+    rows = []
+    with S3Server() as server:
+        bucket = server.create_bucket()
+        options = server.storage_options(**RETRY_STORAGE_OPTIONS)
+        print(f"S3 (moto server on 127.0.0.1): {total / 2**30:.2f} GiB over {ws} ranks", flush=True)
+        secs: dict[str, dict[str, float]] = {"save": {}, "load": {}}
+        for system in ("fsspec", "ucp"):
+            url = f"s3://{bucket}/{system}"
+            res = run_distributed(save_rank, ws, system, url, size, 0, options)
+            secs["save"][system] = max(r["seconds"] for r in res)
+            res = run_distributed(load_rank, ws, system, url, size, 0, options)
+            assert all(r["ok"] for r in res), f"{system}: S3 load mismatch"
+            secs["load"][system] = max(r["seconds"] for r in res)
+        for op in ("save", "load"):
+            base = secs[op]["fsspec"]
+            rows.append((f"S3 {op}", "fsspec", _gbps(total, base), 1.0, "FsspecWriter/Reader"))
+            rows.append((f"S3 {op}", "torch_ucp", _gbps(total, secs[op]["ucp"]), base / secs[op]["ucp"],
+                         "vs FsspecWriter/Reader"))
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=1.0)
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--dir", default="/tmp/torch-ucp-bench")
+    p.add_argument("--s3-size-gib", type=float, default=0.25,
+                   help="state size for the S3 rows (0 to skip); a local moto server is started")
     args = p.parse_args()
     size = int(args.size_gib * 2**30)
     total = sum(r * c * 4 for r, c in _tensors(size).values())
@@ -151,6 +194,9 @@ def main() -> int:
         s, read, needed = reshard[system]
         rows.append(("load Shard(0)x4 -> Shard(1)x2", label, _gbps(total, s),
                      reshard["dcp"][0] / s, f"read/needed {read / needed:.2f}"))
+
+    if args.s3_size_gib > 0:
+        rows.extend(_s3_rows(int(args.s3_size_gib * 2**30), ws))
 
     print()
     print(f"{'operation':<32} {'system':<10} {'GB/s':>7} {'vs dcp':>8}  notes")

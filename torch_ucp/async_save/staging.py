@@ -35,6 +35,7 @@ import copy
 import logging
 import mmap
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,12 +187,11 @@ class StagingPool:
         t0 = time.perf_counter()
         leaves: list[_Leaf] = []
         by_id: dict[int, _Leaf] = {}
-        template = _collect(state_dict, leaves, by_id)
-        allocated = self._lay_out(leaves, max_bytes)
-        assert self._arena is not None or not any(leaf.pooled for leaf in leaves)
-        staged: dict[int, torch.Tensor] = {}
         streams: set[Any] = set()
+        staged: dict[int, torch.Tensor] = {}
         with torch.no_grad():
+            template = _collect(state_dict, leaves, by_id)
+            allocated = self._lay_out(leaves, max_bytes)
             for leaf in leaves:
                 if leaf.pooled:
                     staged[id(leaf)] = self._copy_in(leaf, streams)
@@ -288,8 +288,7 @@ def _collect(obj: Any, leaves: list[_Leaf], by_id: dict[int, _Leaf]) -> Any:
             return leaf
         return copy.deepcopy(obj)  # ShardedTensor, quantized, sparse, nested ...
     if isinstance(obj, dict):
-        items = [(k, _collect(v, leaves, by_id)) for k, v in obj.items()]
-        return type(obj)(items) if type(obj) is not dict else dict(items)
+        return _same_mapping(obj, [(k, _collect(v, leaves, by_id)) for k, v in obj.items()])
     if isinstance(obj, list):
         return [_collect(v, leaves, by_id) for v in obj]
     if type(obj) is tuple:
@@ -297,12 +296,16 @@ def _collect(obj: Any, leaves: list[_Leaf], by_id: dict[int, _Leaf]) -> Any:
     return copy.deepcopy(obj)
 
 
+def _same_mapping(like: dict, items: list[tuple[Any, Any]]) -> dict:
+    """``OrderedDict`` stays one; other dict subclasses become plain dicts (as DCP sees them)."""
+    return OrderedDict(items) if isinstance(like, OrderedDict) else dict(items)
+
+
 def _build(template: Any, staged: dict[int, torch.Tensor]) -> Any:
     if isinstance(template, _Leaf):
         return staged.get(id(template), template.source)  # streamed leaves stay live
     if isinstance(template, dict):
-        items = [(k, _build(v, staged)) for k, v in template.items()]
-        return type(template)(items) if type(template) is not dict else dict(items)
+        return _same_mapping(template, [(k, _build(v, staged)) for k, v in template.items()])
     if isinstance(template, list):
         return [_build(v, staged) for v in template]
     if type(template) is tuple:

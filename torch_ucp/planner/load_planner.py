@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,40 +19,102 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from torch_ucp.errors import LoadPlanError
+from torch_ucp.patterns.base import DimMap
+from torch_ucp.patterns.engine import PatternError, PatternSet, dim_map_for, logical_shape, map_box
 from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.planner.layout import Box, local_tensor, tensor_boxes
+from torch_ucp.planner.provenance import SaveInfo
 from torch_ucp.planner.save_planner import narrow
 
 _MAX_LISTED = 20
 
 
-def plan_tensor_reads(
-    fqn: str, saved: TensorStorageMetadata, targets: list[Box], index: BoxIndex | None = None
+@dataclass
+class _Saved:
+    """A saved tensor as the planner sees it: its stored key, metadata, and (for stock
+    checkpoints described by ``saved_patterns``) the map from logical to stored indices."""
+
+    key: str
+    md: TensorStorageMetadata
+    dmap: DimMap | None = None
+    _index: BoxIndex | None = None
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        return logical_shape(self.md.size, self.dmap)
+
+    @property
+    def index(self) -> BoxIndex:
+        if self._index is None:
+            chunks = self.md.chunks
+            self._index = BoxIndex(
+                [c.offsets for c in chunks], [c.sizes for c in chunks], len(self.md.size)
+            )
+        return self._index
+
+
+def _reads_for_box(
+    target_fqn: str,
+    dest_offsets: tuple[int, ...],
+    src_offsets: tuple[int, ...],
+    lengths: tuple[int, ...],
+    saved: _Saved,
+    src_to_dest: list[int | None],
 ) -> list[ReadItem]:
-    """Read items copying every part of the target boxes from the saved chunks that hold it."""
-    ndim = len(saved.size)
-    if index is None:
-        index = BoxIndex([c.offsets for c in saved.chunks], [c.sizes for c in saved.chunks], ndim)
+    """Read items copying the logical source box ``src_offsets``/``lengths`` of ``saved`` to
+    the local destination at ``dest_offsets``. ``src_to_dest[k]`` is the destination dim of
+    source dim ``k`` (``None`` for a dim the destination lacks)."""
+    boxes = [(src_offsets, lengths, dest_offsets)]
+    if saved.dmap is not None:  # logical -> stored (interleaved/padded) indices
+        d = saved.dmap.dim
+        boxes = []
+        for stored, n, logical in saved.dmap.to_physical(src_offsets[d], lengths[d]):
+            shift = logical - src_offsets[d]
+            dest = list(dest_offsets)
+            if src_to_dest[d] is not None:
+                dest[src_to_dest[d]] += shift
+            boxes.append(
+                (
+                    src_offsets[:d] + (stored,) + src_offsets[d + 1 :],
+                    lengths[:d] + (n,) + lengths[d + 1 :],
+                    tuple(dest),
+                )
+            )
     items = []
-    for box in targets:
-        for i in index.overlapping(box.global_offsets, box.lengths):
-            chunk = saved.chunks[i]
-            hit = intersect(box.global_offsets, box.lengths, chunk.offsets, chunk.sizes)
+    for off, lens, dest in boxes:
+        for i in saved.index.overlapping(off, lens):
+            chunk = saved.md.chunks[i]
+            hit = intersect(off, lens, chunk.offsets, chunk.sizes)
             if hit is None:
                 continue
-            off, lengths = hit
+            hit_off, hit_len = hit
+            dest_at = list(dest)
+            for k, dk in enumerate(src_to_dest):
+                if dk is not None:
+                    dest_at[dk] += hit_off[k] - off[k]
             items.append(
                 ReadItem(
                     type=LoadItemType.TENSOR,
-                    dest_index=MetadataIndex(fqn, box.global_offsets),
-                    dest_offsets=torch.Size(
-                        lo + o - g for lo, o, g in zip(box.local_offsets, off, box.global_offsets)
-                    ),
-                    storage_index=MetadataIndex(fqn, chunk.offsets, i),
-                    storage_offsets=torch.Size(o - c for o, c in zip(off, chunk.offsets)),
-                    lengths=torch.Size(lengths),
+                    dest_index=MetadataIndex(target_fqn),
+                    dest_offsets=torch.Size(dest_at),
+                    storage_index=MetadataIndex(saved.key, chunk.offsets, i),
+                    storage_offsets=torch.Size(o - c for o, c in zip(hit_off, chunk.offsets)),
+                    lengths=torch.Size(hit_len),
                 )
             )
+    return items
+
+
+def plan_tensor_reads(
+    fqn: str, saved: TensorStorageMetadata, targets: list[Box], index: BoxIndex | None = None
+) -> list[ReadItem]:
+    """Read items copying every part of the target boxes from the saved chunks that hold it
+    (no patterns: target boxes are in the saved tensor's coordinates)."""
+    source = _Saved(fqn, saved, None, index)
+    identity = list(range(len(saved.size)))
+    items = []
+    for box in targets:
+        items.extend(_reads_for_box(fqn, box.local_offsets, box.global_offsets, box.lengths, source, identity))
     return items
 
 
@@ -60,13 +123,18 @@ class UCPLoadPlanner(DefaultLoadPlanner):
 
     Every target tensor is described by the exact boxes this rank holds; each box is planned
     against the saved fragments (torch_ucp checkpoints) or chunks (stock DCP checkpoints), so
-    each rank reads exactly the bytes it needs.
+    each rank reads exactly the bytes it needs. Patterns (:mod:`torch_ucp.patterns`) map fused,
+    padded, stacked and renamed parameters, and all their optimizer states, to the stored
+    logical tensors.
 
     Args:
         allow_partial_load: load a subset: keys of the target missing from the checkpoint are
             left untouched and keys of the checkpoint absent from the target are ignored.
             Otherwise either raises :class:`~torch_ucp.errors.LoadPlanError` naming the keys.
-        patterns: layout rules (see :mod:`torch_ucp.patterns`).
+        patterns: layout rules of the target state dict; default: those recorded in the
+            checkpoint at save time.
+        saved_patterns: layout rules of a checkpoint saved without torch_ucp patterns (a stock
+            DCP checkpoint): how its stored tensors relate to the logical ones.
         flatten_state_dict / flatten_sharded_tensors: as in DCP's :class:`DefaultLoadPlanner`.
 
     A dtype change is allowed: the saved values are cast into the target's dtype.
@@ -77,6 +145,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         *,
         allow_partial_load: bool = False,
         patterns: list[Any] | None = None,
+        saved_patterns: list[Any] | None = None,
         flatten_state_dict: bool = True,
         flatten_sharded_tensors: bool = True,
     ) -> None:
@@ -85,7 +154,8 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             flatten_sharded_tensors=flatten_sharded_tensors,
             allow_partial_load=allow_partial_load,
         )
-        self.patterns = list(patterns or [])
+        self.patterns = patterns
+        self.saved_patterns = saved_patterns
 
     def set_up_planner(
         self,
@@ -95,54 +165,47 @@ class UCPLoadPlanner(DefaultLoadPlanner):
     ) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
         self._views: dict[str, torch.Tensor] = {}
+        self._stack_dims: dict[str, int] = {}
+
+    # -- planning -------------------------------------------------------------------------
+    def _saved_index(self, saved_set: PatternSet) -> dict[str, _Saved | str]:
+        """Saved tensors by logical name; non-tensor values map to their stored key."""
+        out: dict[str, _Saved | str] = {}
+        for key, md in self.metadata.state_dict_metadata.items():
+            name = saved_set.rename(key)
+            if isinstance(md, BytesStorageMetadata):
+                out[name] = key
+                continue
+            p = saved_set.dim_pattern(name)
+            if p is not None and getattr(p, "degree", 0) is None and len(md.size) > p.dim:
+                raise PatternError(
+                    f"{key}: saved_patterns {p!r} needs degree= (the TP degree the stock "
+                    "checkpoint was saved with): stock metadata records no mesh"
+                )
+            out[name] = _Saved(key, md, dim_map_for(p, key, None, md.size))
+        return out
 
     def create_local_plan(self) -> LoadPlan:
         if self.metadata is None:
             raise LoadPlanError("UCPLoadPlanner needs checkpoint metadata")
-        saved = self.metadata.state_dict_metadata
         checkpoint = getattr(self.metadata.storage_meta, "checkpoint_id", None) or "checkpoint"
-        items: list[ReadItem] = []
-        problems: list[str] = []
-        missing = [fqn for fqn in self.state_dict if fqn not in saved]
+        info = SaveInfo.from_planner_data(self.metadata.planner_data)
+        recorded = info.patterns if info is not None else []
+        try:
+            target_set = PatternSet(self.patterns if self.patterns is not None else recorded)
+            saved_set = PatternSet(self.saved_patterns)
+            items, problems, used = self._plan(target_set, saved_set)
+            target_set.check_used("the target state dict")
+            saved_set.check_used(str(checkpoint))
+        except PatternError as e:
+            raise LoadPlanError(f"cannot load {checkpoint}: {e}") from None
+        missing = [fqn for fqn, reason in problems if reason == "missing"]
+        problems = [reason for _, reason in problems if reason != "missing"]
         if missing and not self.allow_partial_load:
-            problems.append(f"missing from {checkpoint}: {_listing(missing)}")
-        unexpected = [fqn for fqn in saved if fqn not in self.state_dict]
+            problems.insert(0, f"missing from {checkpoint}: {_listing(missing)}")
+        unexpected = [k for k in self.metadata.state_dict_metadata if k not in used]
         if unexpected and not self.allow_partial_load:
-            problems.append(
-                f"in {checkpoint} but not in the target state dict: {_listing(unexpected)}"
-            )
-        for fqn, target in self.state_dict.items():
-            md = saved.get(fqn)
-            if md is None:
-                continue
-            if isinstance(md, BytesStorageMetadata):
-                if isinstance(target, torch.Tensor):
-                    problems.append(f"{fqn}: saved as a non-tensor value, target is a tensor")
-                    continue
-                index = MetadataIndex(fqn)
-                items.append(
-                    ReadItem(
-                        type=LoadItemType.BYTE_IO,
-                        dest_index=index,
-                        dest_offsets=torch.Size((0,)),
-                        storage_index=index,
-                        storage_offsets=torch.Size((0,)),
-                        lengths=torch.Size((0,)),
-                    )
-                )
-                continue
-            if not isinstance(target, torch.Tensor):
-                problems.append(
-                    f"{fqn}: saved as a tensor of shape {tuple(md.size)}, target is "
-                    f"{type(target).__name__}"
-                )
-                continue
-            if tuple(target.shape) != tuple(md.size):
-                problems.append(
-                    f"{fqn}: shape mismatch: saved {tuple(md.size)}, expected {tuple(target.shape)}"
-                )
-                continue
-            items.extend(plan_tensor_reads(fqn, md, tensor_boxes(fqn, target)))
+            problems.append(f"in {checkpoint} but not in the target state dict: {_listing(unexpected)}")
         if problems:
             raise LoadPlanError(
                 f"cannot load {checkpoint} into this state dict:\n  " + "\n  ".join(problems)
@@ -150,15 +213,148 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         self.plan = LoadPlan(items)
         return self.plan
 
+    def _plan(
+        self, target_set: PatternSet, saved_set: PatternSet
+    ) -> tuple[list[ReadItem], list[tuple[str, str]], set[str]]:
+        saved = self._saved_index(saved_set)
+        items: list[ReadItem] = []
+        problems: list[tuple[str, str]] = []
+        used: set[str] = set()
+        for fqn, target in self.state_dict.items():
+            name = target_set.rename(fqn)
+            if isinstance(saved.get(name), str):  # a non-tensor value
+                if isinstance(target, torch.Tensor):
+                    problems.append((fqn, f"{fqn}: saved as a non-tensor value, target is a tensor"))
+                    continue
+                used.add(saved[name])
+                items.append(_bytes_read(fqn, saved[name]))
+                continue
+            if name in saved and not isinstance(target, torch.Tensor):
+                problems.append((fqn, (
+                    f"{fqn}: saved as a tensor of shape {tuple(saved[name].md.size)}, target is "
+                    f"{type(target).__name__}"
+                )))
+                continue
+            if not isinstance(target, torch.Tensor):
+                problems.append((fqn, "missing"))
+                continue
+            dmap = dim_map_for(target_set.dim_pattern(name), fqn, target, target.shape)
+            shape = logical_shape(target.shape, dmap)
+            boxes: list[Box] = []
+            for physical in tensor_boxes(fqn, target):
+                logical, padding = map_box(physical, dmap)
+                boxes.extend(logical)
+                self._zero_padding(fqn, target, physical, padding, dmap)
+            source = saved.get(name)
+            if source is not None:
+                if source.logical_shape != shape:
+                    problems.append((fqn, (
+                        f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}"
+                    )))
+                    continue
+                used.add(source.key)
+                ident = list(range(len(shape)))
+                for b in boxes:
+                    items.extend(_reads_for_box(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
+                continue
+            stacked = self._plan_stacked(fqn, name, shape, boxes, target_set, saved, used)
+            if stacked is None:
+                problems.append((fqn, "missing"))
+            elif isinstance(stacked, str):
+                problems.append((fqn, stacked))
+            else:
+                items.extend(stacked)
+        return items, problems, used
+
+    def _plan_stacked(
+        self,
+        fqn: str,
+        name: str,
+        shape: tuple[int, ...],
+        boxes: list[Box],
+        target_set: PatternSet,
+        saved: dict[str, _Saved | str],
+        used: set[str],
+    ) -> list[ReadItem] | str | None:
+        """Reads for a per-item target from a saved stack, or a stacked target from saved
+        items; ``None`` if no stacked pattern connects them, a message if shapes disagree."""
+        hit = target_set.stacked_item(name)
+        if hit is not None and isinstance(saved.get(hit[1]), _Saved):  # per-item target, stacked source
+            p, stacked_key, i = hit
+            source = saved[stacked_key]
+            d = p.dim
+            expected = source.logical_shape[:d] + source.logical_shape[d + 1 :]
+            if expected != shape or i >= source.logical_shape[d]:
+                return f"{fqn}: item {i} of {source.key} {source.logical_shape} does not fit {shape}"
+            target_set.mark_used(p)
+            used.add(source.key)
+            self._stack_dims[fqn] = d
+            to_dest = [k if k < d else (None if k == d else k - 1) for k in range(len(shape) + 1)]
+            items = []
+            for b in boxes:
+                src = b.global_offsets[:d] + (i,) + b.global_offsets[d:]
+                lens = b.lengths[:d] + (1,) + b.lengths[d:]
+                items.extend(_reads_for_box(fqn, b.local_offsets, src, lens, source, to_dest))
+            return items
+        p = target_set.stacked(name)
+        if p is None:
+            return None
+        d = p.dim
+        sources = [saved.get(p.item_key(name, i)) for i in range(shape[d])]
+        if not any(isinstance(s, _Saved) for s in sources):
+            return None
+        item_shape = shape[:d] + shape[d + 1 :]
+        for i, source in enumerate(sources):
+            if not isinstance(source, _Saved) or source.logical_shape != item_shape:
+                got = source.logical_shape if isinstance(source, _Saved) else None
+                return f"{fqn}: item {p.item_key(name, i)} is {got}, expected {item_shape}"
+        target_set.mark_used(p)
+        self._stack_dims[fqn] = d
+        to_dest = [k if k < d else k + 1 for k in range(len(item_shape))]
+        items = []
+        for b in boxes:
+            for i in range(b.global_offsets[d], b.global_offsets[d] + b.lengths[d]):
+                source = sources[i]
+                used.add(source.key)
+                dest = list(b.local_offsets)
+                dest[d] += i - b.global_offsets[d]
+                src = b.global_offsets[:d] + b.global_offsets[d + 1 :]
+                lens = b.lengths[:d] + b.lengths[d + 1 :]
+                items.extend(_reads_for_box(fqn, tuple(dest), src, lens, source, to_dest))
+        return items
+
+    def _zero_padding(self, fqn, target, physical: Box, padding, dmap: DimMap | None) -> None:
+        """Padding rows of the target (no logical index) are zero after a load."""
+        if not padding:
+            return
+        local = local_tensor(target).detach()
+        d = dmap.dim
+        for start, n in padding:
+            region = narrow(local, physical.local_offsets, physical.lengths)
+            region.narrow(d, start - physical.local_offsets[d], n).zero_()
+
+    # -- data -----------------------------------------------------------------------------
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         fqn = read_item.dest_index.fqn
         view = self._views.get(fqn)
         if view is None:
             view = self._views[fqn] = local_tensor(self.state_dict[fqn]).detach()
-        return narrow(view, read_item.dest_offsets, read_item.lengths)
+        lengths = tuple(read_item.lengths)
+        if len(read_item.dest_offsets) == len(lengths):
+            return narrow(view, read_item.dest_offsets, lengths)
+        d = self._stack_dims[fqn]  # stacked <-> per-item: source and target ranks differ
+        if len(read_item.dest_offsets) < len(lengths):
+            dest_lengths = lengths[:d] + lengths[d + 1 :]
+        else:
+            dest_lengths = lengths[:d] + (1,) + lengths[d:]
+        return narrow(view, read_item.dest_offsets, dest_lengths).view(lengths)
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        value.seek(0)
+        self.load_object(read_item, torch.load(value, weights_only=False))
 
     def load_object(self, read_item: ReadItem, value: Any) -> None:
         """Place a decoded non-tensor value (torch_ucp readers decode without pickle)."""
@@ -169,6 +365,17 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             # self.state_dict may be a copy (sharded-tensor flattening); write the caller's dict
             self.original_state_dict[fqn] = value
             self.state_dict[fqn] = value
+
+
+def _bytes_read(fqn: str, key: str) -> ReadItem:
+    return ReadItem(
+        type=LoadItemType.BYTE_IO,
+        dest_index=MetadataIndex(fqn),
+        dest_offsets=torch.Size((0,)),
+        storage_index=MetadataIndex(key),
+        storage_offsets=torch.Size((0,)),
+        lengths=torch.Size((0,)),
+    )
 
 
 def _listing(keys: list[str]) -> str:

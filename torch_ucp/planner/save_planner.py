@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.planner_helpers import (
 from torch.distributed.tensor import DTensor
 
 from torch_ucp.metadata.codec import placement_to_json
+from torch_ucp.patterns.engine import PatternError, PatternSet, dim_map_for, logical_shape, map_box
 from torch_ucp.planner.layout import (
     Box,
     dtensor_boxes,
@@ -89,8 +90,8 @@ class UCPSavePlanner(DefaultSavePlanner):
         super().__init__(
             flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=flatten_sharded_tensors
         )
-        self.patterns = list(patterns or [])
-        self._boxes: dict[MetadataIndex, Box] = {}
+        self.patterns = PatternSet(patterns)
+        self._boxes: dict[MetadataIndex, tuple[str, Box]] = {}
 
     def set_up_planner(
         self,
@@ -100,9 +101,13 @@ class UCPSavePlanner(DefaultSavePlanner):
     ) -> None:
         super().set_up_planner(state_dict, storage_meta, is_coordinator)
         self._boxes = {}
+        self._names: dict[str, str] = {}
+        self._local_of: dict[str, str] = {}
 
     # -- local planning -------------------------------------------------------------------
-    def _tensor_items(self, fqn: str, obj: torch.Tensor) -> list[WriteItem]:
+    def _tensor_items(self, fqn: str, name: str, obj: torch.Tensor) -> list[WriteItem]:
+        """Write items of local tensor ``fqn`` stored as ``name`` (after renames), one per exact
+        box of the logical tensor (boxes mapped through a fused/padded pattern if one applies)."""
         if obj.device.type == "meta":
             raise ValueError(f"{fqn}: cannot save a tensor on the meta device")
         if isinstance(obj, DTensor):
@@ -113,31 +118,41 @@ class UCPSavePlanner(DefaultSavePlanner):
             kind = WriteItemType.TENSOR
         if obj.numel() == 0:  # record the empty tensor once; dedup keeps one copy
             boxes = [whole_box(obj.shape)]
+        dmap = dim_map_for(self.patterns.dim_pattern(name), name, obj, obj.shape)
+        size = torch.Size(logical_shape(obj.shape, dmap))
         props = TensorProperties(dtype=obj.dtype)
         items = []
-        for box in boxes:
-            index = MetadataIndex(fqn, box.global_offsets)
-            self._boxes[index] = box
-            chunk = ChunkStorageMetadata(torch.Size(box.global_offsets), torch.Size(box.lengths))
-            items.append(
-                WriteItem(
-                    index=index,
-                    type=kind,
-                    tensor_data=TensorWriteData(chunk=chunk, properties=props, size=obj.size()),
+        for physical in boxes:
+            for box in map_box(physical, dmap)[0]:
+                index = MetadataIndex(name, box.global_offsets)
+                self._boxes[index] = (fqn, box)
+                chunk = ChunkStorageMetadata(torch.Size(box.global_offsets), torch.Size(box.lengths))
+                items.append(
+                    WriteItem(
+                        index=index,
+                        type=kind,
+                        tensor_data=TensorWriteData(chunk=chunk, properties=props, size=size),
+                    )
                 )
-            )
         return items
 
     def create_local_plan(self) -> SavePlan:
         items: list[WriteItem] = []
         layouts: dict[str, dict[str, Any]] = {}
+        names = {fqn: self.patterns.rename(fqn) for fqn in self.state_dict}
+        if len(set(names.values())) != len(names):
+            clash = sorted(fqn for fqn in names if list(names.values()).count(names[fqn]) > 1)
+            raise PatternError(f"renames map several keys to one name: {clash[:10]}")
+        self._names = names
+        self._local_of = {name: fqn for fqn, name in names.items()}
         for fqn, obj in self.state_dict.items():
+            name = names[fqn]
             if isinstance(obj, torch.Tensor) and not hasattr(obj, "__create_write_items__"):
-                items.extend(self._tensor_items(fqn, obj))
+                items.extend(self._tensor_items(fqn, name, obj))
             elif isinstance(obj, DTensor):
-                items.extend(self._tensor_items(fqn, obj))
+                items.extend(self._tensor_items(fqn, name, obj))
                 mesh = mesh_info(obj)
-                layouts[fqn] = {
+                layouts[name] = {
                     "mesh": {"shape": list(mesh.shape), "dim_names": mesh.dim_names},
                     "placements": [placement_to_json(placement_info(p)) for p in obj.placements],
                     "coordinate": obj.device_mesh.get_coordinate(),
@@ -145,8 +160,10 @@ class UCPSavePlanner(DefaultSavePlanner):
             elif isinstance(obj, torch.Tensor) or hasattr(obj, "__create_write_items__"):
                 items.extend(_create_write_items(fqn, obj))  # ShardedTensor and friends
             else:
-                items.append(_create_write_item_for_bytesio(fqn, obj))
-        self.plan = SavePlan(items, planner_data={"mappings": self.mappings, "layouts": layouts})
+                items.append(_create_write_item_for_bytesio(name, obj))
+        self.patterns.check_used("the state dict being saved")
+        mappings = {names.get(k, k): v for k, v in self.mappings.items()}
+        self.plan = SavePlan(items, planner_data={"mappings": mappings, "layouts": layouts})
         return self.plan
 
     # -- global planning (coordinator) ------------------------------------------------------
@@ -160,7 +177,7 @@ class UCPSavePlanner(DefaultSavePlanner):
             )
             for rank, plan in enumerate(all_plans)
         ]
-        metadata = _build_metadata(all_plans, writer_of, self.patterns)
+        metadata = _build_metadata(all_plans, writer_of, self.patterns.to_json())
         self.global_plan, self.metadata = new_plans, metadata
         return new_plans, metadata
 
@@ -170,15 +187,19 @@ class UCPSavePlanner(DefaultSavePlanner):
 
     # -- data -----------------------------------------------------------------------------
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | Any:
-        box = self._boxes.get(write_item.index)
-        if box is None:
+        found = self._boxes.get(write_item.index)
+        if found is None:
+            if write_item.type == WriteItemType.BYTE_IO:
+                return self.transform_object(write_item, self.resolve_object(write_item))
             return super().resolve_data(write_item)
-        t = local_tensor(self.state_dict[write_item.index.fqn]).detach()
+        fqn, box = found
+        t = local_tensor(self.state_dict[fqn]).detach()
         return narrow(t, box.local_offsets, box.lengths)
 
     def resolve_object(self, write_item: WriteItem) -> Any:
         """The raw value of a BYTE_IO item, for writers that encode values without pickle."""
-        return self.state_dict[write_item.index.fqn]
+        name = write_item.index.fqn
+        return self.state_dict[self._local_of.get(name, name)]
 
 
 def _assign_writers(all_plans: list[SavePlan]) -> dict[MetadataIndex, int]:
@@ -219,7 +240,7 @@ def _build_metadata(
     first_item: dict[str, tuple[int, WriteItem]] = {}
     chunks: dict[str, dict[tuple[int, ...], tuple[ChunkStorageMetadata, int]]] = {}
     mappings: dict[str, Any] = {}
-    info = SaveInfo(patterns=[p.to_json() if hasattr(p, "to_json") else p for p in patterns])
+    info = SaveInfo(patterns=list(patterns))
     mesh_ids: dict[str, int] = {}
     coordinates: dict[tuple[str, int], list[int]] = {}
 

@@ -1,0 +1,128 @@
+"""Bounded staging: the writer copies the tensors that did not fit the staging arena.
+
+When a state is larger than ``max_staging_bytes``, :class:`torch_ucp.async_save.StagingPool`
+stages only part of it and leaves the other tensors *live* in the staged state. The background
+save then runs with a :class:`StreamingPlanner` around the real planner: when the writer asks
+for the data of a fragment of a live tensor (``resolve_data``), the planner hands it a private
+copy and counts the fragment as done. Once every live fragment this rank writes has been
+copied, :attr:`StreamingPlanner.released` is set and the caller of ``async_save`` (blocked until
+then, so the live tensors cannot change) returns to training.
+
+The copies live only while the writer writes them (one fragment per writer thread at a time
+for :class:`torch_ucp.UCPWriter`), so host memory stays bounded. A fragment the writer asks for
+again after the caller was released (a storage retry) cannot be copied any more: the save then
+fails with :class:`torch_ucp.CheckpointError` instead of writing bytes from a later step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    STATE_DICT_TYPE,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+)
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+
+from torch_ucp.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+class StreamingPlanner(SavePlanner):
+    """A :class:`SavePlanner` delegating to ``inner`` that copies out live (streamed) tensors.
+
+    Args:
+        inner: the real planner (:class:`torch_ucp.UCPSavePlanner` by default). It must keep
+            the (flattened) state dict it plans as ``inner.state_dict``, as DCP's
+            ``DefaultSavePlanner`` and its subclasses do; otherwise the caller stays blocked
+            until the whole save is written.
+        streamed_ids: ``id()`` of the live tensors/DTensors in the staged state.
+    """
+
+    def __init__(self, inner: SavePlanner, streamed_ids: frozenset[int]) -> None:
+        self._inner = inner
+        self._streamed_ids = streamed_ids
+        self._pending: set[MetadataIndex] = set()
+        self._lock = threading.Lock()
+        self.released = threading.Event()  # set by the planner, or by the saver on failure
+        self.all_copied = False  # every streamed fragment of this rank was copied
+        self.copied_bytes = 0
+
+    def __getattr__(self, name: str) -> Any:  # resolve_object, state_dict, metadata ...
+        if name.startswith("__") or name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    # -- SavePlanner protocol -----------------------------------------------------------------
+    def set_up_planner(
+        self,
+        state_dict: STATE_DICT_TYPE,
+        storage_meta: StorageMeta | None = None,
+        is_coordinator: bool = False,
+    ) -> None:
+        if "storage_meta" in inspect.signature(self._inner.set_up_planner).parameters:
+            self._inner.set_up_planner(
+                state_dict=state_dict, storage_meta=storage_meta, is_coordinator=is_coordinator
+            )
+        else:  # planners written for torch < 2.4
+            self._inner.set_up_planner(state_dict, is_coordinator)  # type: ignore[call-arg]
+
+    def create_local_plan(self) -> SavePlan:
+        return self._inner.create_local_plan()
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        return self._inner.create_global_plan(all_plans)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        plan = self._inner.finish_plan(new_plan)
+        state = getattr(self._inner, "state_dict", None)
+        if not isinstance(state, dict):
+            logger.warning(
+                "torch_ucp: %s keeps no state_dict; bounded staging cannot tell streamed "
+                "tensors apart, the caller stays blocked until the save is written",
+                type(self._inner).__name__,
+            )
+            return plan
+        with self._lock:
+            self._pending = {
+                item.index
+                for item in plan.items
+                if item.type != WriteItemType.BYTE_IO and self._is_streamed(item)
+            }
+            if not self._pending:
+                self.all_copied = True
+                self.released.set()
+        return plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | Any:
+        data = self._inner.resolve_data(write_item)
+        if write_item.type == WriteItemType.BYTE_IO or not self._is_streamed(write_item):
+            return data
+        if self.released.is_set():
+            raise CheckpointError(
+                f"{write_item.index.fqn}: the writer asked again for a fragment of a tensor that "
+                "was not staged (bounded staging, max_staging_bytes) after training resumed; "
+                "its bytes may have changed, so this save is abandoned"
+            )
+        with torch.no_grad():
+            out = torch.empty(data.shape, dtype=data.dtype, device="cpu")
+            out.copy_(data.detach())
+        with self._lock:
+            self.copied_bytes += out.numel() * out.element_size()
+            self._pending.discard(write_item.index)
+            if not self._pending:
+                self.all_copied = True
+                self.released.set()
+        return out
+
+    def _is_streamed(self, item: WriteItem) -> bool:
+        state = getattr(self._inner, "state_dict", None)
+        obj = state.get(item.index.fqn) if isinstance(state, dict) else None
+        return obj is not None and id(obj) in self._streamed_ids
