@@ -76,7 +76,9 @@ def base(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("corruption") / "base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(_state(), storage_writer=UCPWriter(path), planner=UCPSavePlanner(), no_dist=True)
+        # one data object per item (threads >= items), so each corruption hits one tensor
+        dcp.save(_state(), storage_writer=UCPWriter(path, threads=16), planner=UCPSavePlanner(),
+                 no_dist=True)
     meta = _meta(path)
     assert meta["checksum"]["block_bytes"] == MiB
     assert len(meta["tensors"]["model.big_w"]["fragments"][0]["checksums"]) == 3
