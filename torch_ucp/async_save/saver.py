@@ -2,10 +2,18 @@
 
 Timeline of one :meth:`AsyncSaver.save` on every rank::
 
-    caller   | wait for the previous save | state_dict() | stage into the pool | return handle
-    ckpt thr |                                                   dcp.save(staged) on the gloo
-             |                                                   checkpoint group: plan, write,
-             |                                                   checksums, commit (rank 0)
+    caller   | wait for the previous save | state_dict() | prepare | copy into the pool | return
+    ckpt thr |                                                          dcp.save(staged) on the
+             |                                                          gloo checkpoint group:
+             |                                                          plan, write, checksums,
+             |                                                          commit (coordinator)
+
+With ``stage_before_step=optimizer`` the copy moves to the checkpoint thread too: the caller
+returns right after ``state_dict()`` and the cheap *prepare* step, the copy overlaps the next
+forward and backward (which read the parameters and optimizer state but do not write them), and
+the optimizer's next ``step()`` waits until the copy is complete (a step pre-hook). The caller
+is then blocked for ``state_dict()`` plus whatever part of the copy is not hidden behind
+forward and backward (``stats.step_wait``).
 
 * **One save in flight per process.** A new save first waits for the previous one to finish
   (it logs that it waits, and how long), so staged copies never pile up and the staging pool
@@ -15,11 +23,13 @@ Timeline of one :meth:`AsyncSaver.save` on every rank::
   ``dist.new_group(backend="gloo")`` and cached: they never interleave with training
   collectives on the default group (NCCL or gloo). Its first creation is a collective over
   those ranks, so every rank calls the first ``async_save`` (as it must anyway).
-* **Failures.** A save that fails on any rank fails on all of them (DCP gathers every rank's
-  result) and :class:`torch_ucp.UCPWriter` writes ``.metadata`` only after all ranks wrote their
-  data, so nothing is committed; ``handle.result()`` re-raises the error.
-* **Thread or process.** The background work is a thread: it shares the GIL with training,
-  but the heavy parts (file and socket I/O, checksums, copies) release it.
+* **Failures.** A save that fails on any rank fails on all of them: DCP gathers every rank's
+  result, and a failure on the caller's side (``state_dict()``, staging) is fed into the
+  background save so the peers do not wait for this rank forever. :class:`torch_ucp.UCPWriter`
+  writes ``.metadata`` only after all ranks wrote their data, so nothing is committed;
+  ``handle.result()`` re-raises the error.
+* **Thread, not process.** The background work shares the GIL with training, but its heavy
+  parts (copies, file and socket I/O, checksums) release it.
 
 Call ``handle.result()`` (or :func:`close`) before ``dist.destroy_process_group()``.
 """
@@ -30,12 +40,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata
@@ -43,7 +54,7 @@ from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageWriter
 
-from torch_ucp.async_save.staging import StagingPool
+from torch_ucp.async_save.staging import PreparedState, StagedState, StagingPool
 from torch_ucp.async_save.streaming import StreamingPlanner
 from torch_ucp.planner import UCPSavePlanner
 from torch_ucp.storage import UCPWriter
@@ -51,6 +62,8 @@ from torch_ucp.storage import UCPWriter
 logger = logging.getLogger(__name__)
 
 MAX_STAGING_BYTES_ENV = "TORCH_UCP_MAX_STAGING_BYTES"
+
+Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
 
 
 def default_max_staging_bytes() -> int | None:
@@ -68,13 +81,18 @@ def default_max_staging_bytes() -> int | None:
 class AsyncSaveStats:
     """Where the time of one save went (seconds) and what was staged (bytes), on this rank.
 
+    The caller was blocked for ``blocked + step_wait`` in total.
+
     Attributes:
-        waited: waiting for the previous save to finish.
-        state_dict: calling ``state_dict()`` on ``Stateful`` entries.
-        staging: copying into the staging pool.
-        streaming: bounded staging only: waiting for the writer to copy the streamed tensors.
+        waited: in the call, waiting for the previous save to finish.
+        state_dict: in the call, ``state_dict()`` of ``Stateful`` entries.
+        staging: preparing (in the call) and copying into the pool (in the call, or in the
+            background with ``stage_before_step``).
+        streaming: bounded staging: waiting in the call for the writer to copy the streamed
+            tensors.
         blocked: the whole ``async_save`` call, as the caller saw it.
-        background: the background ``dcp.save`` (plan, write, commit); set when it finishes.
+        step_wait: with ``stage_before_step``: optimizer steps waiting for staging to finish.
+        background: the background part (copy if deferred, plan, write, commit).
         pooled_bytes: bytes staged in the pool.
         streamed_bytes: bytes the writer copied out of live tensors (bounded staging).
         pool_allocated: whether this save (re-)allocated the pool's arena.
@@ -85,6 +103,7 @@ class AsyncSaveStats:
     staging: float = 0.0
     streaming: float = 0.0
     blocked: float = 0.0
+    step_wait: float = 0.0
     background: float | None = None
     pooled_bytes: int = 0
     streamed_bytes: int = 0
@@ -94,9 +113,10 @@ class AsyncSaveStats:
 class AsyncSaveHandle:
     """The running save returned by :func:`async_save`.
 
-    ``staged()`` resolves once the state is copied out of the training tensors (always before
-    ``async_save`` returns; kept for symmetry with DCP's ``AsyncSaveResponse``); ``done()``
-    resolves to DCP's :class:`Metadata` once the checkpoint is committed, or holds the error.
+    ``staged()`` resolves once the state is copied out of the training tensors (training may
+    then change them); ``done()`` resolves to DCP's :class:`Metadata` once the checkpoint is
+    committed, or holds the error. Without ``stage_before_step`` (and without bounded staging
+    in the background), ``staged()`` is already resolved when ``async_save`` returns.
     """
 
     def __init__(self, checkpoint_id: str | None) -> None:
@@ -104,6 +124,7 @@ class AsyncSaveHandle:
         self.stats = AsyncSaveStats()
         self._staged: Future[None] = Future()
         self._done: Future[Metadata] = Future()
+        self._lock = threading.Lock()
 
     def staged(self) -> Future[None]:
         """Future resolved when the state has been staged (training may mutate it)."""
@@ -114,8 +135,20 @@ class AsyncSaveHandle:
         return self._done
 
     def result(self, timeout: float | None = None) -> Metadata:
-        """Wait for the save; return DCP's metadata or re-raise the save's error."""
+        """Wait for the save; return DCP's metadata or re-raise the save's error (DCP's
+        ``CheckpointException`` names every failed rank with its traceback)."""
         return self._done.result(timeout)
+
+    def _mark_staged(self) -> None:
+        with self._lock:
+            if not self._staged.done():
+                self._staged.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if not self._staged.done():
+                self._staged.set_exception(error)
+        self._done.set_exception(error)
 
     def __repr__(self) -> str:
         state = "running"
@@ -181,120 +214,14 @@ def _make_writer(url_or_writer: Any, storage_options: dict[str, Any]) -> Storage
     raise TypeError(f"expected a URL, a path or a StorageWriter, got {type(url_or_writer).__name__}")
 
 
-# ---------------------------------------------------------------------------------------------
-# the saver
-# ---------------------------------------------------------------------------------------------
-
-
-class AsyncSaver:
-    """Runs asynchronous saves with one reusable :class:`StagingPool` and one background thread.
-
-    Use one saver for a training run (:func:`async_save` uses a process-wide default one), and
-    :meth:`close` it (or use it as a context manager) to release the staging memory::
-
-        with AsyncSaver() as saver:
-            for step in range(steps):
-                train_step()
-                if step % 100 == 0:
-                    handle = saver.save({"model": model, "optim": optim}, f"s3://b/run/{step}")
-        # the last save is waited for on exit; handle.result() raises if it failed
-
-    Args:
-        max_staging_bytes: bound of the staging pool (see :func:`async_save`); default the
-            ``TORCH_UCP_MAX_STAGING_BYTES`` knob, else unbounded.
-        pin_memory: page-lock the pool (default: when CUDA is available).
-    """
-
-    def __init__(self, *, max_staging_bytes: int | None = None, pin_memory: bool | None = None):
-        self.max_staging_bytes = max_staging_bytes
-        self.pool = StagingPool(pin_memory=pin_memory)
-        self._executor: ThreadPoolExecutor | None = None
-        self._last: AsyncSaveHandle | None = None
-
-    def __enter__(self) -> AsyncSaver:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # -- public -------------------------------------------------------------------------------
-    def save(
-        self,
-        state_dict: Mapping[str, Any],
-        url_or_writer: str | os.PathLike | StorageWriter,
-        *,
-        planner: SavePlanner | None = None,
-        process_group: dist.ProcessGroup | None = None,
-        max_staging_bytes: int | None = None,
-        **storage_options: Any,
-    ) -> AsyncSaveHandle:
-        """Stage ``state_dict`` and save it in the background; see :func:`async_save`."""
-        global _INFLIGHT
-        t_call = time.perf_counter()
-        writer = _make_writer(url_or_writer, storage_options)
-        bound = next(
-            (b for b in (max_staging_bytes, self.max_staging_bytes) if b is not None),
-            default_max_staging_bytes(),
-        )
-        with _CALL_LOCK:
-            handle = AsyncSaveHandle(getattr(writer, "checkpoint_id", None))
-            stats = handle.stats
-            stats.waited = _wait_for(_INFLIGHT, handle.checkpoint_id)
-            group = checkpoint_process_group(process_group)
-
-            t0 = time.perf_counter()
-            state = _take_state_dict(state_dict)
-            t1 = time.perf_counter()
-            staged = self.pool.stage(state, max_bytes=bound)
-            t2 = time.perf_counter()
-            stats.state_dict, stats.staging = t1 - t0, t2 - t1
-            stats.pooled_bytes, stats.streamed_bytes = staged.pooled_bytes, staged.streamed_bytes
-            stats.pool_allocated = staged.allocated
-
-            run_planner = planner if planner is not None else UCPSavePlanner()
-            streaming = None
-            if staged.streamed_ids:
-                streaming = StreamingPlanner(run_planner, staged.streamed_ids)
-                run_planner = streaming
-                handle.done().add_done_callback(lambda _: streaming.released.set())
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="ucp-async-save")
-            self._executor.submit(
-                _run_save, handle, staged.state_dict, writer, run_planner, group, group is None
-            )
-            del staged, state
-            if streaming is not None:  # bounded staging: the writer copies the rest first
-                streaming.released.wait()
-                stats.streaming = time.perf_counter() - t2
-            _INFLIGHT = self._last = handle
-
-        stats.blocked = time.perf_counter() - t_call
-        if streaming is not None and not streaming.all_copied:  # the save failed first
-            handle._staged.set_exception(handle.done().exception())  # type: ignore[arg-type]
-        else:
-            handle._staged.set_result(None)
-        logger.info(
-            "torch_ucp: async save to %s: blocked %.3fs (waited %.3fs for the previous save, "
-            "state_dict %.3fs, staged %.1f MiB in %.3fs%s); writing in the background",
-            handle.checkpoint_id, stats.blocked, stats.waited, stats.state_dict,
-            stats.pooled_bytes / 2**20, stats.staging,
-            f", streamed {stats.streamed_bytes / 2**20:.1f} MiB in {stats.streaming:.3f}s"
-            if streaming is not None else "",
-        )
-        return handle
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait for this saver's last save to finish (without raising its error)."""
-        if self._last is not None:
-            wait_futures([self._last.done()], timeout=timeout)
-
-    def close(self) -> None:
-        """Wait for the save in flight, stop the background thread and release the pool."""
-        self.wait()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        self.pool.close()
+def _optimizers(arg: Optimizers | None) -> list[torch.optim.Optimizer] | None:
+    if arg is None:
+        return None
+    optimizers = [arg] if isinstance(arg, torch.optim.Optimizer) else list(arg)
+    for o in optimizers:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"stage_before_step takes optimizers, got {type(o).__name__}")
+    return optimizers
 
 
 def _wait_for(previous: AsyncSaveHandle | None, next_id: str | None) -> float:
@@ -314,36 +241,245 @@ def _wait_for(previous: AsyncSaveHandle | None, next_id: str | None) -> float:
     return waited
 
 
-def _run_save(
-    handle: AsyncSaveHandle,
-    staged_state: dict[str, Any],
-    writer: StorageWriter,
-    planner: SavePlanner,
-    group: dist.ProcessGroup | None,
-    no_dist: bool,
-) -> None:
-    """The background part: ``dcp.save`` of the staged state on the checkpoint group."""
-    t0 = time.perf_counter()
-    try:
-        metadata = dcp.save(
-            staged_state,
-            storage_writer=writer,
-            planner=planner,
-            process_group=group,
-            no_dist=no_dist,
+# ---------------------------------------------------------------------------------------------
+# the saver
+# ---------------------------------------------------------------------------------------------
+
+
+class AsyncSaver:
+    """Runs asynchronous saves with one reusable :class:`StagingPool` and one background thread.
+
+    Use one saver for a training run (:func:`async_save` uses a process-wide default one), and
+    :meth:`close` it (or use it as a context manager) to release the staging memory::
+
+        with AsyncSaver() as saver:
+            for step in range(steps):
+                train_step()
+                if step % 100 == 0:
+                    handle = saver.save({"app": app_state}, f"s3://b/run/{step}",
+                                        stage_before_step=optimizer)
+        # the last save is waited for on exit; handle.result() raises if it failed
+
+    Args:
+        max_staging_bytes: bound of the staging pool (see :func:`async_save`); default the
+            ``TORCH_UCP_MAX_STAGING_BYTES`` knob, else unbounded.
+        pin_memory: page-lock the pool (default: when CUDA is available).
+        pool: a staging pool to use instead of a new one.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_staging_bytes: int | None = None,
+        pin_memory: bool | None = None,
+        pool: StagingPool | None = None,
+    ) -> None:
+        self.max_staging_bytes = max_staging_bytes
+        self.pool = pool if pool is not None else StagingPool(pin_memory=pin_memory)
+        self._executor: ThreadPoolExecutor | None = None
+        self._last: AsyncSaveHandle | None = None
+        self._step_guards: dict[int, Any] = {}  # id(optimizer) -> hook handle
+
+    def __enter__(self) -> AsyncSaver:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- public -------------------------------------------------------------------------------
+    def save(
+        self,
+        state_dict: Mapping[str, Any],
+        url_or_writer: str | os.PathLike | StorageWriter,
+        *,
+        planner: SavePlanner | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        max_staging_bytes: int | None = None,
+        stage_before_step: Optimizers | None = None,
+        **storage_options: Any,
+    ) -> AsyncSaveHandle:
+        """Stage ``state_dict`` and save it in the background; see :func:`async_save`."""
+        global _INFLIGHT
+        t_call = time.perf_counter()
+        writer = _make_writer(url_or_writer, storage_options)
+        optimizers = _optimizers(stage_before_step)
+        bound = next(
+            (b for b in (max_staging_bytes, self.max_staging_bytes) if b is not None),
+            default_max_staging_bytes(),
         )
-    except BaseException as e:  # noqa: BLE001 - handed to the caller via result()
-        handle.stats.background = time.perf_counter() - t0
-        logger.error("torch_ucp: async save to %s failed: %s", handle.checkpoint_id, e)
-        handle._done.set_exception(e)
-        return
-    finally:
-        del staged_state
-    handle.stats.background = time.perf_counter() - t0
-    logger.info(
-        "torch_ucp: async save to %s committed in %.3fs", handle.checkpoint_id, handle.stats.background
-    )
-    handle._done.set_result(metadata)
+        with _CALL_LOCK:
+            handle = AsyncSaveHandle(getattr(writer, "checkpoint_id", None))
+            stats = handle.stats
+            stats.waited = _wait_for(_INFLIGHT, handle.checkpoint_id)
+            group = checkpoint_process_group(process_group)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="ucp-async-save")
+            job = _SaveJob(handle, writer, group, self.pool)
+            try:
+                t0 = time.perf_counter()
+                state = _take_state_dict(state_dict)
+                t1 = time.perf_counter()
+                prepared = self.pool.prepare(state, max_bytes=bound)
+                del state
+                stats.state_dict, stats.staging = t1 - t0, time.perf_counter() - t1
+                job.set_planner(planner if planner is not None else UCPSavePlanner(), prepared)
+                if optimizers is None:  # copy now, on the caller
+                    t2 = time.perf_counter()
+                    job.staged = self.pool.copy(prepared)
+                    stats.staging += time.perf_counter() - t2
+                else:  # copy in the background, before the optimizers' next step
+                    job.prepared = prepared
+                    for optim in optimizers:
+                        self._guard(optim)
+                del prepared
+            except BaseException as e:
+                job.error = e  # the peers are about to save: fail it on every rank
+                self._executor.submit(job.run)
+                _INFLIGHT = self._last = handle
+                raise
+            self._executor.submit(job.run)
+            _INFLIGHT = self._last = handle
+            if optimizers is None and job.streaming is not None:
+                t3 = time.perf_counter()  # bounded staging: the writer copies the rest first
+                wait_futures([handle.staged()])
+                stats.streaming = time.perf_counter() - t3
+
+        stats.blocked = time.perf_counter() - t_call
+        logger.info(
+            "torch_ucp: async save to %s: blocked %.3fs (waited %.3fs for the previous save, "
+            "state_dict %.3fs, staging %.3fs%s)%s",
+            handle.checkpoint_id, stats.blocked, stats.waited, stats.state_dict, stats.staging,
+            f", streaming {stats.streaming:.3f}s" if stats.streaming else "",
+            "; staging continues until the next optimizer step" if optimizers is not None else "",
+        )
+        return handle
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for this saver's last save to finish (without raising its error)."""
+        if self._last is not None:
+            wait_futures([self._last.done()], timeout=timeout)
+
+    def close(self) -> None:
+        """Wait for the save in flight, stop the background thread, remove the optimizer step
+        guards and release the pool."""
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for hook in self._step_guards.values():
+            hook.remove()
+        self._step_guards.clear()
+        self.pool.close()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _guard(self, optim: torch.optim.Optimizer) -> None:
+        """Make ``optim.step()`` wait until this saver's last save is staged (one step pre-hook
+        per optimizer, kept until :meth:`close`)."""
+        if id(optim) in self._step_guards:
+            return
+
+        def wait_for_staging(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            handle = self._last
+            if handle is None or handle.staged().done():
+                return
+            t0 = time.perf_counter()
+            wait_futures([handle.staged()])
+            waited = time.perf_counter() - t0
+            handle.stats.step_wait += waited
+            logger.info(
+                "torch_ucp: %s.step() waited %.3fs for the async save to %s to finish staging",
+                type(opt).__name__, waited, handle.checkpoint_id,
+            )
+
+        self._step_guards[id(optim)] = optim.register_step_pre_hook(wait_for_staging)
+
+
+class _FailedStaging(SavePlanner):
+    """Fails local planning with the caller's error, so every rank's save fails together."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
+        raise self.error
+
+    def create_local_plan(self) -> Any:  # pragma: no cover - never reached
+        raise self.error
+
+    def create_global_plan(self, all_plans: Any) -> Any:  # pragma: no cover
+        raise self.error
+
+    def finish_plan(self, new_plan: Any) -> Any:  # pragma: no cover
+        raise self.error
+
+    def resolve_data(self, write_item: Any) -> Any:  # pragma: no cover
+        raise self.error
+
+
+class _SaveJob:
+    """The background part of one save: finish staging if the caller did not, then
+    ``dcp.save`` the staged state on the checkpoint group."""
+
+    def __init__(self, handle: AsyncSaveHandle, writer: StorageWriter, group: Any, pool: StagingPool):
+        self.handle, self.writer, self.group, self.pool = handle, writer, group, pool
+        self.planner: SavePlanner | None = None
+        self.streaming: StreamingPlanner | None = None
+        self.prepared: PreparedState | None = None  # staging left to the background
+        self.staged: StagedState | None = None  # staging done by the caller
+        self.error: BaseException | None = None  # the caller failed: fail on every rank
+
+    def set_planner(self, planner: SavePlanner, prepared: PreparedState) -> None:
+        streamed = {id(leaf.source): leaf for leaf in prepared.leaves if not leaf.pooled}
+        if streamed:
+            self.streaming = StreamingPlanner(planner, streamed, on_release=self.handle._mark_staged)
+            planner = self.streaming
+        self.planner = planner
+
+    def run(self) -> None:
+        handle, stats = self.handle, self.handle.stats
+        t0 = time.perf_counter()
+        state: dict[str, Any] = {}
+        planner = self.planner
+        if self.error is not None:
+            planner = _FailedStaging(self.error)
+        elif self.prepared is not None:
+            try:
+                self.staged = self.pool.copy(self.prepared)
+                stats.staging += time.perf_counter() - t0
+            except BaseException as e:  # noqa: BLE001 - e.g. StagingRaceError: fail on every rank
+                planner = _FailedStaging(e)
+            self.prepared = None
+        if self.staged is not None:
+            state = self.staged.state_dict
+            stats.pooled_bytes = self.staged.pooled_bytes
+            stats.streamed_bytes = self.staged.streamed_bytes
+            stats.pool_allocated = self.staged.allocated
+            self.staged = None
+            if self.streaming is None:
+                handle._mark_staged()
+        try:
+            metadata = dcp.save(
+                state,
+                storage_writer=self.writer,
+                planner=planner,
+                process_group=self.group,
+                no_dist=self.group is None,
+            )
+        except BaseException as e:  # noqa: BLE001 - handed to the caller via result()
+            stats.background = time.perf_counter() - t0
+            logger.error("torch_ucp: async save to %s failed: %s", handle.checkpoint_id, e)
+            handle._fail(e)
+            return
+        finally:
+            del state
+            if self.streaming is not None:
+                self.streaming.released.set()
+        stats.background = time.perf_counter() - t0
+        logger.info(
+            "torch_ucp: async save to %s committed in %.3fs", handle.checkpoint_id, stats.background
+        )
+        handle._mark_staged()  # (a planner without a state_dict never released the caller)
+        handle._done.set_result(metadata)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +506,7 @@ def async_save(
     planner: SavePlanner | None = None,
     process_group: dist.ProcessGroup | None = None,
     max_staging_bytes: int | None = None,
+    stage_before_step: Optimizers | None = None,
     **storage_options: Any,
 ) -> AsyncSaveHandle:
     """Save ``state_dict`` asynchronously; return once it is staged in host memory.
@@ -392,8 +529,18 @@ def async_save(
             dedicated gloo group over the same ranks, created once and cached.
         max_staging_bytes: bound of the staging pool (default the
             ``TORCH_UCP_MAX_STAGING_BYTES`` knob, else unbounded). A larger state is staged in
-            part and the rest is copied by the writer while the caller waits: the caller is
-            then blocked for roughly the time to write the part that did not fit.
+            part and the writer copies the rest out of the live tensors before the state is
+            considered staged: the caller is then blocked for roughly the time to write the
+            part that did not fit (see :mod:`torch_ucp.async_save.staging`).
+        stage_before_step: optimizers whose updates are the only in-place changes of the
+            state until their next ``step()`` (the usual training loop: forward and backward
+            only read parameters and optimizer state). The copy into the pool then runs in the
+            background, overlapping forward and backward, and each of these optimizers'
+            next ``step()`` waits until it is complete. Anything else that changes the state
+            in place before ``handle.staged()`` resolves (e.g. BatchNorm running statistics
+            in forward) must wait for ``handle.staged()`` first; such a change is detected
+            by the tensors' version counters and fails the save rather than writing a torn
+            checkpoint.
         **storage_options: passed to :class:`torch_ucp.UCPWriter` with a URL
             (``endpoint_url=``, ``key=`` ...).
 
@@ -406,6 +553,7 @@ def async_save(
         planner=planner,
         process_group=process_group,
         max_staging_bytes=max_staging_bytes,
+        stage_before_step=stage_before_step,
         **storage_options,
     )
 

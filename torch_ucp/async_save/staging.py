@@ -18,6 +18,16 @@ Megatron-Bridge PR #359). A :class:`StagingPool` instead keeps one *arena* of ho
   mesh, placements, global shape and stride (``DTensor.from_local(..., run_check=False)``), so
   the save planner still sees the layout. Non-tensor values are deep-copied.
 
+**Staging in two halves.** :meth:`StagingPool.prepare` runs on the caller: it walks the state,
+deep-copies non-tensor values, lays the tensors out in the arena and records each tensor's
+version counter (and, for CUDA tensors, an event on the caller's current stream).
+:meth:`StagingPool.copy` does the bulk copies and may run on another thread while training
+runs forward and backward (``stage_before_step=`` in :func:`torch_ucp.async_save.async_save`).
+Before and after copying a tensor it checks that its version counter did not move: an in-place
+update that slipped in before the copy fails the save (:class:`StagingRaceError`) instead of
+writing a torn checkpoint. (A write racing with the copy itself is caught when its version bump
+lands before the check after the copy; this is a safety net, not a synchronisation.)
+
 **Bounded staging.** With ``max_bytes`` smaller than the state, only part of it fits. The pool
 then fills the arena (at most ``max_bytes``) with the tensors that come *last* in the state
 dict, which a writer reaches last, and leaves the others *streamed*: the staged state keeps a
@@ -43,6 +53,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from torch_ucp.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 ALIGNMENT = 64  # bytes; every staged tensor starts on a cache line (and any dtype's alignment)
@@ -67,17 +79,40 @@ def _poolable(t: torch.Tensor) -> bool:
     )
 
 
-class _Leaf:
-    """Placeholder for one tensor of the state while the arena layout is decided."""
+class StagingRaceError(CheckpointError):
+    """A tensor was modified in place after ``async_save`` returned and before it was staged."""
 
-    __slots__ = ("source", "local", "nbytes", "offset", "pooled")
 
-    def __init__(self, source: torch.Tensor, local: torch.Tensor) -> None:
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+class StagedLeaf:
+    """One tensor of the state: where it comes from, where it goes in the arena."""
+
+    __slots__ = ("path", "source", "local", "nbytes", "offset", "pooled", "version", "event")
+
+    def __init__(self, path: str, source: torch.Tensor, local: torch.Tensor) -> None:
+        self.path = path  # dotted position in the state dict, for error messages
         self.source = source  # the caller's tensor or DTensor
         self.local = local  # what gets copied: the tensor itself or the DTensor's local shard
         self.nbytes = _nbytes(local)
         self.offset = -1
         self.pooled = False
+        self.version = _version(local)  # at the call
+        self.event: Any = None  # CUDA: work queued on the caller's stream at the call
+
+    def check_unmodified(self) -> None:
+        """Raise :class:`StagingRaceError` if the tensor was modified in place since the call."""
+        if self.version is not None and _version(self.local) != self.version:
+            raise StagingRaceError(
+                f"{self.path}: modified in place after async_save returned and before it was "
+                "staged; pass the optimizer that updates it as stage_before_step=, or wait for "
+                "handle.staged() before changing the state"
+            )
 
 
 @dataclass
@@ -89,7 +124,7 @@ class StagedState:
             tensors, the caller's live tensors), other values deep copies.
         pooled_bytes: bytes copied into the arena.
         streamed_bytes: bytes of tensors left live for the writer to copy (bounded staging).
-        streamed_ids: ``id()`` of the live tensors/DTensors kept in ``state_dict``.
+        streamed: the live tensors/DTensors kept in ``state_dict``, by ``id()``.
         seconds: time spent staging.
         allocated: whether this call allocated (or re-allocated) the arena.
     """
@@ -97,9 +132,24 @@ class StagedState:
     state_dict: dict[str, Any]
     pooled_bytes: int = 0
     streamed_bytes: int = 0
-    streamed_ids: frozenset[int] = field(default_factory=frozenset)
+    streamed: dict[int, StagedLeaf] = field(default_factory=dict)
     seconds: float = 0.0
     allocated: bool = False
+
+
+@dataclass
+class PreparedState:
+    """The caller's half of staging (:meth:`StagingPool.prepare`), input of
+    :meth:`StagingPool.copy`."""
+
+    template: Any
+    leaves: list[StagedLeaf]
+    allocated: bool
+    seconds: float
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(leaf.nbytes for leaf in self.leaves if not leaf.pooled)
 
 
 class StagingPool:
@@ -177,38 +227,65 @@ class StagingPool:
 
     # -- staging ------------------------------------------------------------------------------
     def stage(self, state_dict: Mapping[str, Any], *, max_bytes: int | None = None) -> StagedState:
-        """Copy ``state_dict`` into the arena and return the staged state.
+        """Copy ``state_dict`` into the arena and return the staged state
+        (:meth:`prepare` then :meth:`copy`).
 
         ``state_dict`` is a nested structure of dicts, lists and tuples (``Stateful`` entries
         already replaced by their ``state_dict()``). With ``max_bytes`` set and the tensors
         larger than that, only a suffix of the tensors is staged and the rest is streamed
         (see the module docstring); the arena never exceeds ``max_bytes``.
         """
+        return self.copy(self.prepare(state_dict, max_bytes=max_bytes))
+
+    def prepare(self, state_dict: Mapping[str, Any], *, max_bytes: int | None = None) -> PreparedState:
+        """The caller's half of staging: structure, deep copies of non-tensor values, arena
+        layout (allocating it if needed), version counters and CUDA events. No bulk copy."""
         t0 = time.perf_counter()
-        leaves: list[_Leaf] = []
-        by_id: dict[int, _Leaf] = {}
-        streams: set[Any] = set()
-        staged: dict[int, torch.Tensor] = {}
+        leaves: list[StagedLeaf] = []
         with torch.no_grad():
-            template = _collect(state_dict, leaves, by_id)
-            allocated = self._lay_out(leaves, max_bytes)
+            template = _collect(state_dict, "", leaves, {})
+        allocated = self._lay_out(leaves, max_bytes)
+        if any(leaf.local.device.type == "cuda" for leaf in leaves):  # pragma: no cover - CUDA
+            events: dict[torch.device, Any] = {}
             for leaf in leaves:
+                if leaf.pooled and leaf.local.device.type == "cuda":
+                    dev = leaf.local.device
+                    if dev not in events:
+                        events[dev] = torch.cuda.Event()
+                        events[dev].record(torch.cuda.current_stream(dev))
+                    leaf.event = events[dev]
+        return PreparedState(template, leaves, allocated, time.perf_counter() - t0)
+
+    def copy(self, prepared: PreparedState) -> StagedState:
+        """The bulk half of staging: copy the pooled tensors into the arena (any thread).
+
+        Raises :class:`StagingRaceError` if a tensor changed since :meth:`prepare`.
+        """
+        t0 = time.perf_counter()
+        staged: dict[int, torch.Tensor] = {}
+        streams: set[Any] = set()
+        with torch.no_grad():
+            for leaf in prepared.leaves:
                 if leaf.pooled:
+                    leaf.check_unmodified()
                     staged[id(leaf)] = self._copy_in(leaf, streams)
             for stream in streams:  # pragma: no cover - needs CUDA
                 stream.synchronize()
-        out = _build(template, staged)
-        streamed = [leaf for leaf in leaves if not leaf.pooled]
+            for leaf in prepared.leaves:  # a write that raced with its copy
+                if leaf.pooled:
+                    leaf.check_unmodified()
+            out = _build(prepared.template, staged)
+        streamed = [leaf for leaf in prepared.leaves if not leaf.pooled]
         return StagedState(
             state_dict=out,
-            pooled_bytes=sum(leaf.nbytes for leaf in leaves if leaf.pooled),
+            pooled_bytes=sum(leaf.nbytes for leaf in prepared.leaves if leaf.pooled),
             streamed_bytes=sum(leaf.nbytes for leaf in streamed),
-            streamed_ids=frozenset(id(leaf.source) for leaf in streamed),
-            seconds=time.perf_counter() - t0,
-            allocated=allocated,
+            streamed={id(leaf.source): leaf for leaf in streamed},
+            seconds=prepared.seconds + time.perf_counter() - t0,
+            allocated=prepared.allocated,
         )
 
-    def _lay_out(self, leaves: list[_Leaf], max_bytes: int | None) -> bool:
+    def _lay_out(self, leaves: list[StagedLeaf], max_bytes: int | None) -> bool:
         """Choose which leaves go to the arena and where; (re-)allocate it if needed."""
         total = sum(_align(leaf.nbytes) for leaf in leaves)
         if max_bytes is not None and max_bytes > 0 and total > max_bytes:
@@ -233,13 +310,13 @@ class StagingPool:
             return True
         return False
 
-    def _copy_in(self, leaf: _Leaf, streams: set[Any]) -> torch.Tensor:
+    def _copy_in(self, leaf: StagedLeaf, streams: set[Any]) -> torch.Tensor:
         assert self._arena is not None
         src = leaf.local
         buf = self._arena[leaf.offset : leaf.offset + leaf.nbytes].view(src.dtype).view(src.shape)
         if src.device.type == "cuda":  # pragma: no cover - needs CUDA
             stream = self._side_stream(src.device)
-            stream.wait_stream(torch.cuda.current_stream(src.device))
+            stream.wait_event(leaf.event)  # after the work queued on the caller's stream
             with torch.cuda.stream(stream):
                 buf.copy_(src.detach(), non_blocking=True)
             streams.add(stream)
@@ -273,8 +350,8 @@ def rebuild_dtensor(local: torch.Tensor, like: DTensor) -> DTensor:
     return DTensor(local, like._spec, requires_grad=False)
 
 
-def _collect(obj: Any, leaves: list[_Leaf], by_id: dict[int, _Leaf]) -> Any:
-    """The structure of ``obj`` with tensors replaced by :class:`_Leaf` placeholders (one per
+def _collect(obj: Any, path: str, leaves: list[StagedLeaf], by_id: dict[int, StagedLeaf]) -> Any:
+    """The structure of ``obj`` with tensors replaced by :class:`StagedLeaf` placeholders (one per
     distinct tensor object) and every other leaf value deep-copied."""
     if isinstance(obj, torch.Tensor):
         local = obj.to_local() if isinstance(obj, DTensor) else obj
@@ -283,16 +360,18 @@ def _collect(obj: Any, leaves: list[_Leaf], by_id: dict[int, _Leaf]) -> Any:
                 return copy.deepcopy(obj)
             leaf = by_id.get(id(obj))
             if leaf is None:
-                leaf = by_id[id(obj)] = _Leaf(obj, local)
+                leaf = by_id[id(obj)] = StagedLeaf(path[:-1] or "<root>", obj, local)
                 leaves.append(leaf)
             return leaf
         return copy.deepcopy(obj)  # ShardedTensor, quantized, sparse, nested ...
     if isinstance(obj, dict):
-        return _same_mapping(obj, [(k, _collect(v, leaves, by_id)) for k, v in obj.items()])
+        return _same_mapping(
+            obj, [(k, _collect(v, f"{path}{k}.", leaves, by_id)) for k, v in obj.items()]
+        )
     if isinstance(obj, list):
-        return [_collect(v, leaves, by_id) for v in obj]
+        return [_collect(v, f"{path}{i}.", leaves, by_id) for i, v in enumerate(obj)]
     if type(obj) is tuple:
-        return tuple(_collect(v, leaves, by_id) for v in obj)
+        return tuple(_collect(v, f"{path}{i}.", leaves, by_id) for i, v in enumerate(obj))
     return copy.deepcopy(obj)
 
 
@@ -302,7 +381,7 @@ def _same_mapping(like: dict, items: list[tuple[Any, Any]]) -> dict:
 
 
 def _build(template: Any, staged: dict[int, torch.Tensor]) -> Any:
-    if isinstance(template, _Leaf):
+    if isinstance(template, StagedLeaf):
         return staged.get(id(template), template.source)  # streamed leaves stay live
     if isinstance(template, dict):
         return _same_mapping(template, [(k, _build(v, staged)) for k, v in template.items()])

@@ -3,10 +3,12 @@
 When a state is larger than ``max_staging_bytes``, :class:`torch_ucp.async_save.StagingPool`
 stages only part of it and leaves the other tensors *live* in the staged state. The background
 save then runs with a :class:`StreamingPlanner` around the real planner: when the writer asks
-for the data of a fragment of a live tensor (``resolve_data``), the planner hands it a private
-copy and counts the fragment as done. Once every live fragment this rank writes has been
-copied, :attr:`StreamingPlanner.released` is set and the caller of ``async_save`` (blocked until
-then, so the live tensors cannot change) returns to training.
+for the data of a fragment of a live tensor (``resolve_data``), the planner checks that the
+tensor was not changed in place since the call, hands the writer a private copy and counts the
+fragment as done. Once every live fragment this rank writes has been copied, the save is
+*staged* (``handle.staged()`` resolves): the caller of ``async_save`` waits for that (or, with
+``stage_before_step``, the optimizer's next step does), so the live tensors cannot change
+before they are copied.
 
 The copies live only while the writer writes them (one fragment per writer thread at a time
 for :class:`torch_ucp.UCPWriter`), so host memory stays bounded. A fragment the writer asks for
@@ -19,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 
+from torch_ucp.async_save.staging import StagedLeaf
 from torch_ucp.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -43,15 +47,23 @@ class StreamingPlanner(SavePlanner):
             the (flattened) state dict it plans as ``inner.state_dict``, as DCP's
             ``DefaultSavePlanner`` and its subclasses do; otherwise the caller stays blocked
             until the whole save is written.
-        streamed_ids: ``id()`` of the live tensors/DTensors in the staged state.
+        streamed: the live tensors/DTensors in the staged state, by ``id()``
+            (:attr:`StagedState.streamed`); each is checked for in-place changes since the
+            call before it is copied.
     """
 
-    def __init__(self, inner: SavePlanner, streamed_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        inner: SavePlanner,
+        streamed: Mapping[int, StagedLeaf],
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
         self._inner = inner
-        self._streamed_ids = streamed_ids
+        self._streamed = streamed
+        self._on_release = on_release
         self._pending: set[MetadataIndex] = set()
         self._lock = threading.Lock()
-        self.released = threading.Event()  # set by the planner, or by the saver on failure
+        self.released = threading.Event()  # all copied, or the save failed
         self.all_copied = False  # every streamed fragment of this rank was copied
         self.copied_bytes = 0
 
@@ -94,16 +106,16 @@ class StreamingPlanner(SavePlanner):
             self._pending = {
                 item.index
                 for item in plan.items
-                if item.type != WriteItemType.BYTE_IO and self._is_streamed(item)
+                if item.type != WriteItemType.BYTE_IO and self._streamed_leaf(item) is not None
             }
             if not self._pending:
-                self.all_copied = True
-                self.released.set()
+                self._release()
         return plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | Any:
         data = self._inner.resolve_data(write_item)
-        if write_item.type == WriteItemType.BYTE_IO or not self._is_streamed(write_item):
+        leaf = None if write_item.type == WriteItemType.BYTE_IO else self._streamed_leaf(write_item)
+        if leaf is None:
             return data
         if self.released.is_set():
             raise CheckpointError(
@@ -111,18 +123,26 @@ class StreamingPlanner(SavePlanner):
                 "was not staged (bounded staging, max_staging_bytes) after training resumed; "
                 "its bytes may have changed, so this save is abandoned"
             )
+        leaf.check_unmodified()
         with torch.no_grad():
             out = torch.empty(data.shape, dtype=data.dtype, device="cpu")
             out.copy_(data.detach())
+        leaf.check_unmodified()
         with self._lock:
             self.copied_bytes += out.numel() * out.element_size()
             self._pending.discard(write_item.index)
             if not self._pending:
-                self.all_copied = True
-                self.released.set()
+                self._release()
         return out
 
-    def _is_streamed(self, item: WriteItem) -> bool:
+    def _release(self) -> None:
+        if not self.all_copied:
+            self.all_copied = True
+            self.released.set()
+            if self._on_release is not None:
+                self._on_release()
+
+    def _streamed_leaf(self, item: WriteItem) -> StagedLeaf | None:
         state = getattr(self._inner, "state_dict", None)
         obj = state.get(item.index.fqn) if isinstance(state, dict) else None
-        return obj is not None and id(obj) in self._streamed_ids
+        return None if obj is None else self._streamed.get(id(obj))

@@ -34,6 +34,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_arguments(p)
     p.set_defaults(handler=verify.main)
+
+    from torch_ucp.cli import convert, export, inspect
+
+    p = sub.add_parser(
+        "inspect",
+        help="list every key with dtype, shape, bytes, fragments/chunks and saved layout",
+        description=inspect.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_arguments(p)
+    p.set_defaults(handler=inspect.main)
+
+    p = sub.add_parser(
+        "export",
+        help="write consolidated tensors as safetensors (HF sharded) or one torch.save file",
+        description=export.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_arguments(p)
+    p.set_defaults(handler=export.main)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a stock DCP, DeepSpeed universal, safetensors or torch_ucp checkpoint "
+        "into the torch_ucp format",
+        description=convert.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_arguments(p)
+    p.set_defaults(handler=convert.main)
     return parser
 
 

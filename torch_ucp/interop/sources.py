@@ -254,6 +254,7 @@ class ReaderSource(CheckpointSource):
     plan (torch_ucp's planner, for a plain tensor) for that key alone."""
 
     pieces_name = "chunks"
+    value_encoding: str | None = None
 
     def __init__(self, reader: StorageReader, url: str, fmt: str) -> None:
         super().__init__(url)
@@ -286,7 +287,7 @@ class ReaderSource(CheckpointSource):
                     path,
                 )
             elif isinstance(md, BytesStorageMetadata):
-                self.values[fqn] = ValueInfo(fqn, None, self._value_nbytes(fqn), path)
+                self.values[fqn] = ValueInfo(fqn, self.value_encoding, self._value_nbytes(fqn), path)
 
     def _value_nbytes(self, fqn: str) -> int | None:
         return None
@@ -322,6 +323,8 @@ _RANK_FILE = re.compile(r"^__(\d+)_")
 
 class DCPSource(ReaderSource):
     """A stock DCP checkpoint (pickled ``.metadata`` + ``*.distcp`` files)."""
+
+    value_encoding = "torch_save"  # stock DCP stores every non-tensor value with torch.save
 
     def __init__(self, reader: StorageReader, url: str) -> None:
         super().__init__(reader, url, FORMAT_DCP)
@@ -378,7 +381,14 @@ def detect_format(url: str, storage_options: dict[str, Any] | None = None) -> st
         if store.exists(METADATA_FILE):
             first = bytearray(1)
             store.read_into(METADATA_FILE, [(0, 1)], [memoryview(first)])
-            return FORMAT_UCP if first == b"{" else FORMAT_DCP
+            if first == b"{":
+                return FORMAT_UCP
+            if first == b"\x80":  # pickle protocol 2+: DCP's Metadata
+                return FORMAT_DCP
+            raise UnsupportedFormatError(
+                f"{store.describe(METADATA_FILE)} is neither torch_ucp JSON metadata nor a "
+                "stock DCP (pickled) metadata file"
+            )
         names = store.list_dir("")
         if "zero" in names or "latest_universal" in names:
             return FORMAT_DEEPSPEED
@@ -414,7 +424,7 @@ def open_source(
         return UCPSource(Checkpoint(store, meta, verify=verify))
     if fmt == FORMAT_DCP:
         if _is_remote(url):
-            from torch.distributed.checkpoint import FsspecReader
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
             reader: StorageReader = FsspecReader(url, **options)
         else:

@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CheckpointBuilder"]
 
 
-class _ObjectStream:
+class ObjectStream:
     """One data object being written: appends runs of bytes, returns where each went."""
 
     def __init__(self, store: Store, rel: str) -> None:
@@ -66,9 +66,13 @@ class _ObjectStream:
         self.offset = 0
         self._file: IO[bytes] | None = store.open_write(rel)
 
-    def append(self, data: memoryview, block_bytes: int, algorithm: str) -> StoredBytes:
+    def append(
+        self, data: memoryview, block_bytes: int = 1 << 20, algorithm: str | None = None
+    ) -> StoredBytes:
+        """Write ``data`` at the end of the object; with an ``algorithm``, with the block
+        checksums of the format."""
         assert self._file is not None
-        checks = block_checksums(data, block_bytes, algorithm)
+        checks = block_checksums(data, block_bytes, algorithm) if algorithm else []
         # fsspec's buffered files copy whatever is written into their buffer before uploading
         # it: write in buffer-sized pieces so a large tensor is not duplicated in memory.
         step = knobs.write_buffer_bytes()
@@ -148,7 +152,7 @@ class CheckpointBuilder:
         self.folder = f"{DATA_PREFIX}{self.save_id}"
         self.bytes_written = 0
         self.metadata: CheckpointMetadata | None = None
-        self._stream: _ObjectStream | None = None
+        self._stream: ObjectStream | None = None
         self._objects = 0
         self._state_md: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         self._results: list[WriteResult] = []
@@ -320,7 +324,7 @@ class CheckpointBuilder:
             rel = f"{self.folder}/{0:05d}-{self._objects}.bin"
             self._objects += 1
             try:
-                stream = self._stream = _ObjectStream(self.store, rel)
+                stream = self._stream = ObjectStream(self.store, rel)
             except BaseException:
                 self.abort()
                 raise

@@ -48,6 +48,7 @@ if sys.byteorder != "little":  # pragma: no cover - every torch platform today
     raise ImportError("torch_ucp stores raw little-endian bytes and needs a little-endian host")
 
 DATA_PREFIX = "data-"
+ITEM_ALIGNMENT = 64  # bytes; every item in a data object starts at a multiple of this
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,10 @@ class UCPWriter(StorageWriter):
             for item in items:
                 data, encoding = self._item_bytes(item, planner)
                 checks = block_checksums(data, self.checksum_block_bytes, self.checksum_algorithm)
+                pad = -offset % ITEM_ALIGNMENT
+                if pad:  # items start aligned, so readers can view mapped bytes as any dtype
+                    _write_all(f, memoryview(bytes(pad)))
+                    offset += pad
                 _write_all(f, data)
                 stored = StoredBytes(rel, offset, len(data), tuple(checks))
                 results.append(

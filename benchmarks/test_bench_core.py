@@ -1,0 +1,64 @@
+"""pytest-benchmark cases: one process, 128 MiB, torch_ucp against stock DCP.
+
+    python -m pytest benchmarks/test_bench_core.py --benchmark-enable
+
+Not part of the test suite (``testpaths = tests``); ``benchmarks/compare.py`` is the
+multi-process comparison that prints one table.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter, open_checkpoint
+
+STATE = {f"layer{i}.weight": torch.randn(2048, 2048) for i in range(8)}  # 128 MiB
+
+
+def _save_ucp(path):
+    shutil.rmtree(path, ignore_errors=True)
+    dcp.save(STATE, storage_writer=UCPWriter(path), planner=UCPSavePlanner(), no_dist=True)
+
+
+def _save_stock(path):
+    shutil.rmtree(path, ignore_errors=True)
+    dcp.save(STATE, checkpoint_id=path, no_dist=True)
+
+
+@pytest.mark.parametrize("system", ["torch_ucp", "dcp"])
+def test_save(benchmark, tmp_path, system):
+    path = str(tmp_path / "ckpt")
+    benchmark.pedantic(_save_ucp if system == "torch_ucp" else _save_stock, args=(path,), rounds=3)
+
+
+@pytest.mark.parametrize("system", ["torch_ucp", "dcp"])
+def test_load_same_layout(benchmark, tmp_path, system):
+    path = str(tmp_path / "ckpt")
+    (_save_ucp if system == "torch_ucp" else _save_stock)(path)
+    target = {k: torch.empty_like(v) for k, v in STATE.items()}
+
+    def load():
+        if system == "torch_ucp":
+            dcp.load(target, storage_reader=UCPReader(path), planner=UCPLoadPlanner(), no_dist=True)
+        else:
+            dcp.load(target, checkpoint_id=path, no_dist=True)
+
+    benchmark.pedantic(load, rounds=3)
+    assert all(torch.equal(target[k], v) for k, v in STATE.items())
+
+
+def test_sliced_read_column_block(benchmark, tmp_path):
+    """A column block of every tensor: the reshard read pattern (half of every row)."""
+    path = str(tmp_path / "ckpt")
+    _save_ucp(path)
+    ckpt = open_checkpoint(path)
+
+    def read():
+        return [ckpt.read(k, (slice(None), slice(0, 1024))) for k in STATE]
+
+    out = benchmark.pedantic(read, rounds=3)
+    assert torch.equal(out[0], STATE["layer0.weight"][:, :1024])

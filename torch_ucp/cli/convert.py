@@ -1,0 +1,91 @@
+"""``torch-ucp convert SRC DST``: write any checkpoint torch_ucp reads as a torch_ucp checkpoint.
+
+SRC may be a stock DCP checkpoint (pickled ``.metadata``), a DeepSpeed universal checkpoint
+(the ``ds_to_universal`` output folder with ``zero/``, or the folder holding
+``latest_universal``), Hugging Face safetensors weights, or a torch_ucp checkpoint (rewritten
+with one fragment per tensor). DST receives a torch_ucp checkpoint: JSON metadata, raw bytes,
+block checksums, ``.metadata`` committed last and atomically, so a failed conversion leaves no
+checkpoint at DST (and an earlier one there, with --overwrite, stays loadable until the commit).
+
+Tensors are read whole one at a time and written as they come (``CheckpointBuilder``), so peak
+host memory stays near the largest tensor. Keys, the nested-state-dict paths and, where SRC
+records them, the mesh and placements each tensor was saved from are kept. Then load DST on any
+layout with UCPReader + UCPLoadPlanner, or check it with ``torch-ucp verify DST``.
+
+The same --storage-option values apply to SRC and DST.
+
+Examples:
+  torch-ucp convert ./dcp-step-100 s3://bucket/run/step-100 -o endpoint_url=http://127.0.0.1:9000
+  torch-ucp convert ./ds_ckpt/global_step10_universal ./ucp-step-10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from torch_ucp.cli.common import CommandError, add_storage_arguments, progress, storage_options
+from torch_ucp.cli.inspect import human_bytes
+from torch_ucp.errors import CheckpointError
+from torch_ucp.interop.sources import open_source, select_keys
+from torch_ucp.storage.builder import CheckpointBuilder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="checkpoint to convert: path or fsspec URL")
+    parser.add_argument("dst", metavar="DST", help="torch_ucp checkpoint to write: path or fsspec URL")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a committed checkpoint at DST (it stays loadable until the new one commits)",
+    )
+    parser.add_argument(
+        "--keys",
+        nargs="+",
+        action="extend",
+        metavar="GLOB",
+        help="convert only keys matching any of these shell patterns",
+    )
+    add_storage_arguments(parser)
+
+
+def _same(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def main(args: argparse.Namespace) -> int:
+    options = storage_options(args)
+    if _same(args.src, args.dst):
+        raise CommandError("SRC and DST are the same; convert into a new folder")
+    source = open_source(args.src, options)
+    keys = select_keys(source.keys(), args.keys)
+    if not keys:
+        raise CommandError(f"no key of {args.src} matches --keys {' '.join(args.keys or [])}")
+    tensors = [k for k in keys if k in source.tensors]
+    values = [k for k in keys if k in source.values]
+    total = sum(source.tensors[k].nbytes for k in tensors)
+    try:
+        builder = CheckpointBuilder(args.dst, overwrite=args.overwrite, **options)
+        with builder, progress(args, total, "convert") as update:
+            for key in tensors:
+                info = source.tensors[key]
+                tensor = source.read_tensor(key)
+                builder.add_tensor(
+                    key, tensor, path=info.path, mesh=info.mesh, placements=info.placements
+                )
+                del tensor
+                update(info.nbytes)
+            for key in values:
+                builder.add_value(key, source.read_value(key), path=source.values[key].path)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, TypeError) as e:
+        raise CommandError(" ".join(f"cannot convert to {args.dst}: {e}".split())) from e
+    print(
+        f"converted {source.format} checkpoint {args.src} -> torch_ucp checkpoint {args.dst}: "
+        f"{len(tensors)} tensors ({human_bytes(total)}), {len(values)} values, "
+        f"save id {builder.save_id}"
+    )
+    return 0
