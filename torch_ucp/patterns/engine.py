@@ -74,6 +74,13 @@ class PatternSet:
                 return p
         return None
 
+    def note_stacked(self, key: str) -> None:
+        """Mark the stacked patterns ``key`` has a form of (stacked or per-item) as used: they
+        describe the key even where it loads as is (same form on both sides) or is only saved."""
+        for p in self.stacks:
+            if p.match_stacked(key) or p.match_item(key) is not None:
+                self._use(p)
+
     def mark_used(self, p: Pattern) -> None:
         self._use(p)
 
@@ -89,11 +96,10 @@ class PatternSet:
 
 
 def interleave_degree(p: FusedParam, t: torch.Tensor) -> int:
-    """The interleave degree of a fused tensor: its shard count over ``p.mesh_dim``."""
-    if p.degree is not None:
-        return p.degree
+    """The interleave degree of a fused tensor: its shard count over ``p.mesh_dim``; for a
+    tensor without a mesh (plain, or a stock checkpoint's metadata) ``p.degree`` or 1."""
     if not isinstance(t, DTensor):
-        return 1
+        return p.degree if p.degree is not None else 1
     names = t.device_mesh.mesh_dim_names or ()
     if p.mesh_dim not in names:
         return 1

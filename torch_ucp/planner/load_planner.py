@@ -19,8 +19,17 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from torch_ucp.errors import LoadPlanError
-from torch_ucp.patterns.base import DimMap
-from torch_ucp.patterns.engine import PatternError, PatternSet, dim_map_for, logical_shape, map_box
+from torch_ucp.patterns.base import DimMap, Pattern
+from torch_ucp.patterns.engine import (
+    PatternError,
+    PatternSet,
+    as_patterns,
+    dim_map_for,
+    logical_shape,
+    map_box,
+)
+from torch_ucp.patterns.fused import FusedParam
+from torch_ucp.patterns.rename import Rename
 from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.planner.layout import Box, local_tensor, tensor_boxes
 from torch_ucp.planner.provenance import SaveInfo
@@ -131,8 +140,10 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         allow_partial_load: load a subset: keys of the target missing from the checkpoint are
             left untouched and keys of the checkpoint absent from the target are ignored.
             Otherwise either raises :class:`~torch_ucp.errors.LoadPlanError` naming the keys.
-        patterns: layout rules of the target state dict; default: those recorded in the
-            checkpoint at save time.
+        patterns: layout rules of the target state dict, strict (each must match). Default:
+            those recorded in the checkpoint at save time, or else those of ``saved_patterns``
+            (fused degrees then read from the target's mesh), without their renames and applied
+            only where they match (a pipeline stage holds a subset of the parameters).
         saved_patterns: layout rules of a checkpoint saved without torch_ucp patterns (a stock
             DCP checkpoint): how its stored tensors relate to the logical ones.
         flatten_state_dict / flatten_sharded_tensors: as in DCP's :class:`DefaultLoadPlanner`.
@@ -173,6 +184,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         out: dict[str, _Saved | str] = {}
         for key, md in self.metadata.state_dict_metadata.items():
             name = saved_set.rename(key)
+            saved_set.note_stacked(name)
             if isinstance(md, BytesStorageMetadata):
                 out[name] = key
                 continue
@@ -192,7 +204,10 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         info = SaveInfo.from_planner_data(self.metadata.planner_data)
         recorded = info.patterns if info is not None else []
         try:
-            target_set = PatternSet(self.patterns if self.patterns is not None else recorded)
+            if self.patterns is not None:
+                target_set = PatternSet(self.patterns)
+            else:  # rules the caller did not write for this target: applied where they match
+                target_set = PatternSet(_default_target_patterns(recorded, self.saved_patterns), strict=False)
             saved_set = PatternSet(self.saved_patterns)
             items, problems, used = self._plan(target_set, saved_set)
             target_set.check_used("the target state dict")
@@ -222,6 +237,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         used: set[str] = set()
         for fqn, target in self.state_dict.items():
             name = target_set.rename(fqn)
+            target_set.note_stacked(name)
             if isinstance(saved.get(name), str):  # a non-tensor value
                 if isinstance(target, torch.Tensor):
                     problems.append((fqn, f"{fqn}: saved as a non-tensor value, target is a tensor"))
@@ -283,6 +299,8 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             p, stacked_key, i = hit
             source = saved[stacked_key]
             d = p.dim
+            if len(source.logical_shape) <= d:  # a scalar state (``step``): every item shares it
+                return self._plan_scalar(fqn, shape, boxes, source, used, p, target_set)
             expected = source.logical_shape[:d] + source.logical_shape[d + 1 :]
             if expected != shape or i >= source.logical_shape[d]:
                 return f"{fqn}: item {i} of {source.key} {source.logical_shape} does not fit {shape}"
@@ -300,6 +318,15 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         if p is None:
             return None
         d = p.dim
+        if len(shape) <= d:  # a scalar state (``step``): taken from item 0
+            source = saved.get(p.item_key(name, 0))
+            if not isinstance(source, _Saved):
+                return None
+            i = 1
+            while isinstance(saved.get(p.item_key(name, i)), _Saved):  # the others: consumed too
+                used.add(saved[p.item_key(name, i)].key)
+                i += 1
+            return self._plan_scalar(fqn, shape, boxes, source, used, p, target_set)
         sources = [saved.get(p.item_key(name, i)) for i in range(shape[d])]
         if not any(isinstance(s, _Saved) for s in sources):
             return None
@@ -309,18 +336,31 @@ class UCPLoadPlanner(DefaultLoadPlanner):
                 got = source.logical_shape if isinstance(source, _Saved) else None
                 return f"{fqn}: item {p.item_key(name, i)} is {got}, expected {item_shape}"
         target_set.mark_used(p)
+        used.update(s.key for s in sources)  # the stacked target consumes every item, held here or not
         self._stack_dims[fqn] = d
         to_dest = [k if k < d else k + 1 for k in range(len(item_shape))]
         items = []
         for b in boxes:
             for i in range(b.global_offsets[d], b.global_offsets[d] + b.lengths[d]):
                 source = sources[i]
-                used.add(source.key)
                 dest = list(b.local_offsets)
                 dest[d] += i - b.global_offsets[d]
                 src = b.global_offsets[:d] + b.global_offsets[d + 1 :]
                 lens = b.lengths[:d] + b.lengths[d + 1 :]
                 items.extend(_reads_for_box(fqn, tuple(dest), src, lens, source, to_dest))
+        return items
+
+    @staticmethod
+    def _plan_scalar(fqn, shape, boxes, source: _Saved, used, p, target_set) -> list[ReadItem] | str:
+        """Reads of a state with no stack dim (an optimizer ``step``) across the two forms."""
+        if source.logical_shape != shape:
+            return f"{fqn}: {source.key} is {source.logical_shape}, expected {shape}"
+        target_set.mark_used(p)
+        used.add(source.key)
+        ident = list(range(len(shape)))
+        items = []
+        for b in boxes:
+            items.extend(_reads_for_box(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
         return items
 
     def _zero_padding(self, fqn, target, physical: Box, padding, dmap: DimMap | None) -> None:
@@ -365,6 +405,21 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             # self.state_dict may be a copy (sharded-tensor flattening); write the caller's dict
             self.original_state_dict[fqn] = value
             self.state_dict[fqn] = value
+
+
+def _default_target_patterns(recorded: list[Any], saved_patterns: list[Any] | None) -> list[Pattern]:
+    """The target's layout rules when ``patterns=`` is not given: those recorded at save time,
+    else (a stock checkpoint) those of ``saved_patterns``, with fused degrees read from the
+    target's own mesh (a degree describes the saver's tensors). Renames are left out: they map
+    the saver's (or the stored) names, not this target's; a function is not even recorded."""
+    out: list[Pattern] = []
+    for p in as_patterns(recorded or saved_patterns):
+        if isinstance(p, Rename):
+            continue
+        if isinstance(p, FusedParam):
+            p = FusedParam(p.glob, p.parts, dim=p.dim, mesh_dim=p.mesh_dim)
+        out.append(p)
+    return out
 
 
 def _bytes_read(fqn: str, key: str) -> ReadItem:

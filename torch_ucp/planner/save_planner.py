@@ -147,6 +147,7 @@ class UCPSavePlanner(DefaultSavePlanner):
         self._local_of = {name: fqn for fqn, name in names.items()}
         for fqn, obj in self.state_dict.items():
             name = names[fqn]
+            self.patterns.note_stacked(name)
             if isinstance(obj, torch.Tensor) and not hasattr(obj, "__create_write_items__"):
                 items.extend(self._tensor_items(fqn, name, obj))
             elif isinstance(obj, DTensor):
