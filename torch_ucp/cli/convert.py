@@ -1,16 +1,16 @@
-"""``torch-ucp convert SRC DST``: write any checkpoint torch_ucp reads as a torch_ucp checkpoint.
+"""torch-ucp convert SRC DST: write any checkpoint torch_ucp reads as a torch_ucp checkpoint.
 
-SRC may be a stock DCP checkpoint (pickled ``.metadata``), a DeepSpeed universal checkpoint
-(the ``ds_to_universal`` output folder with ``zero/``, or the folder holding
-``latest_universal``), Hugging Face safetensors weights, or a torch_ucp checkpoint (rewritten
+SRC may be a stock DCP checkpoint (pickled .metadata), a DeepSpeed universal checkpoint
+(the ds_to_universal output folder with zero/, or the folder holding
+latest_universal), Hugging Face safetensors weights, or a torch_ucp checkpoint (rewritten
 with one fragment per tensor). DST receives a torch_ucp checkpoint: JSON metadata, raw bytes,
-block checksums, ``.metadata`` committed last and atomically, so a failed conversion leaves no
+block checksums, .metadata committed last and atomically, so a failed conversion leaves no
 checkpoint at DST (and an earlier one there, with --overwrite, stays loadable until the commit).
 
-Tensors are read whole one at a time and written as they come (``CheckpointBuilder``), so peak
+Tensors are read whole one at a time and written as they come (CheckpointBuilder), so peak
 host memory stays near the largest tensor. Keys, the nested-state-dict paths and, where SRC
 records them, the mesh and placements each tensor was saved from are kept. Then load DST on any
-layout with UCPReader + UCPLoadPlanner, or check it with ``torch-ucp verify DST``.
+layout with UCPReader + UCPLoadPlanner, or check it with torch-ucp verify DST.
 
 The same --storage-option values apply to SRC and DST.
 
@@ -25,8 +25,8 @@ import argparse
 import os
 
 from torch_ucp.cli.common import CommandError, add_storage_arguments, progress, storage_options
-from torch_ucp.cli.inspect import human_bytes
-from torch_ucp.errors import CheckpointError
+from torch_ucp.cli.inspect import human_bytes, plural
+from torch_ucp.errors import CheckpointError, CheckpointExistsError
 from torch_ucp.interop.sources import open_source, select_keys
 from torch_ucp.storage.builder import CheckpointBuilder
 
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         action="extend",
         metavar="GLOB",
-        help="convert only keys matching any of these shell patterns",
+        help="convert only keys matching any of these shell patterns (give it after SRC DST)",
     )
     add_storage_arguments(parser)
 
@@ -67,7 +67,12 @@ def main(args: argparse.Namespace) -> int:
     values = [k for k in keys if k in source.values]
     total = sum(source.tensors[k].nbytes for k in tensors)
     try:
-        builder = CheckpointBuilder(args.dst, overwrite=args.overwrite, **options)
+        try:
+            builder = CheckpointBuilder(args.dst, overwrite=args.overwrite, **options)
+        except CheckpointExistsError:
+            raise CheckpointExistsError(
+                f"{args.dst} already holds a committed checkpoint; pass --overwrite to replace it"
+            ) from None
         with builder, progress(args, total, "convert") as update:
             for key in tensors:
                 info = source.tensors[key]
@@ -85,7 +90,8 @@ def main(args: argparse.Namespace) -> int:
         raise CommandError(" ".join(f"cannot convert to {args.dst}: {e}".split())) from e
     print(
         f"converted {source.format} checkpoint {args.src} -> torch_ucp checkpoint {args.dst}: "
-        f"{len(tensors)} tensors ({human_bytes(total)}), {len(values)} values, "
+        f"{plural(len(tensors), 'tensor')} ({human_bytes(total)}), "
+        f"{plural(len(values), 'value')}, "
         f"save id {builder.save_id}"
     )
     return 0

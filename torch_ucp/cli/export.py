@@ -1,18 +1,18 @@
-"""``torch-ucp export URL OUT``: consolidated full tensors as Hugging Face safetensors or one
-``torch.save`` file, streamed one tensor at a time.
+"""torch-ucp export URL OUT: consolidated full tensors as Hugging Face safetensors or one
+torch.save file, streamed one tensor at a time.
 
-URL is any checkpoint ``torch-ucp inspect`` reads: torch_ucp, stock DCP, a DeepSpeed universal
+URL is any checkpoint torch-ucp inspect reads: torch_ucp, stock DCP, a DeepSpeed universal
 checkpoint folder, or safetensors. Each tensor is read whole (from all its fragments or
 chunks), optionally cast, written and released before the next is read, so peak host memory
 stays near the largest tensor, not the model.
 
 --format safetensors (default): OUT is a folder (local or any fsspec URL) receiving
-  ``model.safetensors``, or with --max-shard-size the Hugging Face sharded layout
-  ``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json`` (``weight_map`` and
-  ``metadata.total_size``); an OUT ending in ``.safetensors`` is written as that single file.
+  model.safetensors, or with --max-shard-size the Hugging Face sharded layout
+  model-00001-of-0000N.safetensors + model.safetensors.index.json (weight_map and
+  metadata.total_size); an OUT ending in .safetensors is written as that single file.
   Non-tensor values are skipped (and listed on stderr): safetensors holds tensors only.
---format torch: OUT is a local file (a folder gets ``model.pt``) holding one flat dict
-  {key: tensor or value} for ``torch.load``. Non-tensor values are kept. The file is laid out
+--format torch: OUT is a local file (a folder gets model.pt) holding one flat dict
+  {key: tensor or value} for torch.load. Non-tensor values are kept. The file is laid out
   first with empty tensor records (torch.save of shape-only tensors), then each tensor's bytes
   are written into its record, one tensor at a time: memory stays bounded here too. (Only if a
   non-tensor value itself holds tensors is the whole state materialised before torch.save.)
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from torch_ucp.cli.common import CommandError, add_storage_arguments, progress, storage_options
+from torch_ucp.cli.inspect import human_bytes, plural
 from torch_ucp.errors import CheckpointError
 from torch_ucp.interop.sources import CheckpointSource, open_source, select_keys
 from torch_ucp.storage.store import Store
@@ -104,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         action="extend",
         metavar="GLOB",
-        help="export only keys matching any of these shell patterns (matched before "
+        help="export only keys matching any of these shell patterns (give it after URL OUT; matched before "
         "--strip-prefix), e.g. --keys 'model.*'",
     )
     parser.add_argument(
@@ -385,13 +386,6 @@ def export_torch(
     return out
 
 
-def _human(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
 def main(args: argparse.Namespace) -> int:
     options = storage_options(args)
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size else None
@@ -401,6 +395,14 @@ def main(args: argparse.Namespace) -> int:
     items, values = plan_export(
         source, args.keys, args.strip_prefix, DTYPES[args.dtype] if args.dtype else None
     )
+    if args.format == "safetensors":
+        from torch_ucp.interop.safetensors import safetensors_dtype_name
+
+        for it in items:
+            try:
+                safetensors_dtype_name(it.dtype)
+            except ValueError as e:
+                raise CommandError(f"{it.key}: {e}; use --format torch or --keys to leave it out") from None
     total = sum(it.nbytes for it in items)
 
     def note(text: str) -> None:
@@ -414,8 +416,8 @@ def main(args: argparse.Namespace) -> int:
                     shown = ", ".join(name for name, _ in values[:10])
                     more = f" and {len(values) - 10} more" if len(values) > 10 else ""
                     note(
-                        f"skipped {len(values)} non-tensor value(s) (safetensors holds tensors "
-                        f"only): {shown}{more}"
+                        f"skipped {plural(len(values), 'non-tensor value')} (safetensors holds "
+                        f"tensors only): {shown}{more}"
                     )
                 files = export_safetensors(
                     source,
@@ -426,19 +428,22 @@ def main(args: argparse.Namespace) -> int:
                     storage_options=options,
                     update=update,
                 )
-                where = args.out if args.out.endswith(".safetensors") else f"{args.out}: {', '.join(files)}"
+                shown = files if len(files) <= 4 else [files[0], "...", *files[-2:]]
+                where = args.out
+                if not args.out.endswith(".safetensors"):
+                    where += f" ({plural(len(files), 'file')}: {', '.join(shown)})"
                 kept = ""
             else:
                 where = export_torch(
                     source, args.out, items, values, overwrite=args.overwrite, update=update, note=note
                 )
-                kept = f", {len(values)} values"
+                kept = f", {plural(len(values), 'value')}"
     except CheckpointError:
         raise
     except OSError as e:
         raise CommandError(" ".join(f"cannot write {args.out}: {e}".split())) from e
     print(
-        f"exported {len(items)} tensors ({_human(total)}){kept} from {source.format} "
-        f"checkpoint {args.url} to {where}"
+        f"exported {plural(len(items), 'tensor')} ({human_bytes(total)}){kept} from "
+        f"{source.format} checkpoint {args.url} to {where}"
     )
     return 0

@@ -1,9 +1,9 @@
-"""``torch-ucp inspect URL``: every key of a checkpoint with its dtype, shape, bytes, stored
+"""torch-ucp inspect URL: every key of a checkpoint with its dtype, shape, bytes, stored
 pieces and saved layout, and the checkpoint's totals, without reading any tensor data.
 
-Reads torch_ucp checkpoints (JSON ``.metadata``: fragments per tensor, the mesh and placements
-each tensor was saved from), stock DCP checkpoints (pickled ``.metadata``: chunks per tensor;
-the layout too when saved with UCPSavePlanner; note that reading a stock ``.metadata``
+Reads torch_ucp checkpoints (JSON .metadata: fragments per tensor, the mesh and placements
+each tensor was saved from), stock DCP checkpoints (pickled .metadata: chunks per tensor;
+the layout too when saved with UCPSavePlanner; note that reading a stock .metadata
 unpickles it), DeepSpeed universal checkpoints and safetensors weights.
 
 Examples:
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="extend",
         metavar="GLOB",
         help="show only keys matching any of these shell patterns, e.g. --keys 'model.*' "
-        "'optim.state.model.output.*' (totals then count the shown keys)",
+        "'optim.state.model.output.*' (give it after URL; totals then count the shown keys)",
     )
     add_storage_arguments(parser)
 
@@ -57,6 +57,11 @@ def _layout(t: TensorInfo) -> str:
     if t.mesh is None or t.placements is None:
         return "-"
     return f"mesh{_mesh(t.mesh)} [{', '.join(str(p) for p in t.placements)}]"
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 value"``, ``"2 values"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def human_bytes(n: int | None) -> str:
@@ -129,7 +134,7 @@ def render_text(source: CheckpointSource, info: dict[str, Any]) -> str:
     if info["world_size"] is not None:
         facts.append(f"world size {info['world_size']}")
     if info["data_objects"] is not None:
-        facts.append(f"{info['data_objects']} data objects")
+        facts.append(plural(info["data_objects"], "data object"))
     if info["torch_version"]:
         facts.append(f"torch {info['torch_version']}")
     if info["created"]:
@@ -160,8 +165,9 @@ def render_text(source: CheckpointSource, info: dict[str, Any]) -> str:
     if totals["tensors"] + totals["values"] != totals["keys_in_checkpoint"]:
         selected = f" (selected from {totals['keys_in_checkpoint']} keys)"
     lines.append(
-        f"{totals['tensors']} tensors ({human_bytes(totals['bytes'])}, {totals[pieces]} "
-        f"{pieces}), {totals['values']} values{selected}"
+        f"{plural(totals['tensors'], 'tensor')} ({human_bytes(totals['bytes'])}, "
+        f"{plural(totals[pieces], pieces.removesuffix('s'))}), "
+        f"{plural(totals['values'], 'value')}{selected}"
     )
     return "\n".join(lines)
 

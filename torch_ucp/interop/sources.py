@@ -51,6 +51,7 @@ from torch_ucp.errors import (
 )
 from torch_ucp.metadata.codec import placement_from_json
 from torch_ucp.metadata.schema import METADATA_FILE, MeshInfo, PlacementInfo
+from torch_ucp.planner.load_planner import UCPLoadPlanner
 from torch_ucp.planner.provenance import SaveInfo
 from torch_ucp.storage.reader import load_metadata
 from torch_ucp.storage.store import Store
@@ -293,8 +294,6 @@ class ReaderSource(CheckpointSource):
         return None
 
     def _load(self, state: dict[str, Any]) -> None:
-        from torch_ucp.planner.load_planner import UCPLoadPlanner
-
         planner = UCPLoadPlanner(allow_partial_load=True)
         planner.set_up_planner(state, self.dcp_metadata, True)
         plan = self.reader.prepare_local_plan(planner.create_local_plan())
@@ -419,7 +418,7 @@ def open_source(
     fmt = format or detect_format(url, options)
     if fmt == FORMAT_UCP:
         store = Store(url, options)
-        with _errors(f"cannot read {store.describe(METADATA_FILE)}", UnsupportedFormatError):
+        with _errors(f"cannot read {store.describe(METADATA_FILE)}"):
             meta = load_metadata(store)
         return UCPSource(Checkpoint(store, meta, verify=verify))
     if fmt == FORMAT_DCP:

@@ -46,6 +46,7 @@ from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import encode_value
 from torch_ucp.storage.writer import (
     DATA_PREFIX,
+    ITEM_ALIGNMENT,
     UCPWriter,
     _ItemStored,
     _write_all,
@@ -58,11 +59,16 @@ __all__ = ["CheckpointBuilder"]
 
 
 class ObjectStream:
-    """One data object being written: appends runs of bytes, returns where each went."""
+    """One data object being written: appends runs of bytes, returns where each went.
 
-    def __init__(self, store: Store, rel: str) -> None:
+    Each run starts at a multiple of ``alignment`` bytes (zero bytes fill the gaps), as
+    ``UCPWriter`` lays out its data objects (``ITEM_ALIGNMENT``).
+    """
+
+    def __init__(self, store: Store, rel: str, alignment: int = 1) -> None:
         self.store = store
         self.rel = rel
+        self.alignment = alignment
         self.offset = 0
         self._file: IO[bytes] | None = store.open_write(rel)
 
@@ -73,6 +79,10 @@ class ObjectStream:
         checksums of the format."""
         assert self._file is not None
         checks = block_checksums(data, block_bytes, algorithm) if algorithm else []
+        pad = -self.offset % self.alignment
+        if pad:
+            _write_all(self._file, memoryview(bytes(pad)))
+            self.offset += pad
         # fsspec's buffered files copy whatever is written into their buffer before uploading
         # it: write in buffer-sized pieces so a large tensor is not duplicated in memory.
         step = knobs.write_buffer_bytes()
@@ -273,6 +283,7 @@ class CheckpointBuilder:
             raise
         self._closed = True
         self.metadata = load_metadata(self.store)
+        self.save_id = self.metadata.save_id  # differs only if nothing was added
         return self.metadata
 
     def abort(self) -> None:
@@ -324,7 +335,7 @@ class CheckpointBuilder:
             rel = f"{self.folder}/{0:05d}-{self._objects}.bin"
             self._objects += 1
             try:
-                stream = self._stream = ObjectStream(self.store, rel)
+                stream = self._stream = ObjectStream(self.store, rel, ITEM_ALIGNMENT)
             except BaseException:
                 self.abort()
                 raise
