@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageWriter
 
+from torch_ucp import knobs
 from torch_ucp.async_save.staging import PreparedState, StagedState, StagingPool
 from torch_ucp.async_save.streaming import StreamingPlanner
 from torch_ucp.planner import UCPSavePlanner
@@ -68,8 +69,9 @@ Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
 
 def default_max_staging_bytes() -> int | None:
     """The knob ``TORCH_UCP_MAX_STAGING_BYTES`` (unset or 0: no bound)."""
-    value = os.environ.get(MAX_STAGING_BYTES_ENV)
-    return int(value) if value and int(value) > 0 else None
+    knob = getattr(knobs, "max_staging_bytes", None)
+    value = knob() if knob is not None else int(os.environ.get(MAX_STAGING_BYTES_ENV) or 0)
+    return value if value and value > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,9 +540,11 @@ def async_save(
             background, overlapping forward and backward, and each of these optimizers'
             next ``step()`` waits until it is complete. Anything else that changes the state
             in place before ``handle.staged()`` resolves (e.g. BatchNorm running statistics
-            in forward) must wait for ``handle.staged()`` first; such a change is detected
-            by the tensors' version counters and fails the save rather than writing a torn
-            checkpoint.
+            in forward) must wait for ``handle.staged()`` first. As a safety net, a change
+            made through a tensor of the state dict (or a view of it) before it is copied is
+            caught by its version counter and fails the save on every rank instead of writing
+            a torn checkpoint; a change through another tensor over the same memory is not
+            seen (FSDP2's ``state_dict()`` returns such tensors for its parameters).
         **storage_options: passed to :class:`torch_ucp.UCPWriter` with a URL
             (``endpoint_url=``, ``key=`` ...).
 

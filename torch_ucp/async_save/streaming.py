@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 
-from torch_ucp.async_save.staging import StagedLeaf
+from torch_ucp.async_save.staging import StagedLeaf, copy_into, unpooled_buffer
 from torch_ucp.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -124,9 +124,11 @@ class StreamingPlanner(SavePlanner):
                 "its bytes may have changed, so this save is abandoned"
             )
         leaf.check_unmodified()
+        if leaf.event is not None:  # pragma: no cover - CUDA: work queued before the call
+            leaf.event.synchronize()
         with torch.no_grad():
-            out = torch.empty(data.shape, dtype=data.dtype, device="cpu")
-            out.copy_(data.detach())
+            out = unpooled_buffer(data.shape, data.dtype)
+            copy_into(out, data)
         leaf.check_unmodified()
         with self._lock:
             self.copied_bytes += out.numel() * out.element_size()

@@ -11,7 +11,7 @@ from typing import Any
 
 
 class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
+    """A usage error: printed as one line, exit status 2 (checkpoint errors exit 1)."""
 
 
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from torch_ucp.cli.common import CommandError
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # retries and cleanup are logged as warnings; one short line each, none with --quiet
+    logging.basicConfig(
+        level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
+        format="torch-ucp: %(message)s",
+    )
     try:
         return args.handler(args)
     except CommandError as e:

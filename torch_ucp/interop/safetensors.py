@@ -53,8 +53,8 @@ from torch.futures import Future
 
 from torch_ucp.errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
 from torch_ucp.metadata.schema import StoredBytes
-from torch_ucp.storage.builder import ObjectStream
-from torch_ucp.storage.reader import _committer
+from torch_ucp.storage.objects import ObjectStream
+from torch_ucp.storage.reader import commit_callback
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.writer import tensor_bytes
@@ -359,7 +359,7 @@ class SafetensorsReader(StorageReader):
                     offsets=tuple(item.storage_offsets),
                     lengths=tuple(item.lengths),
                     dest=planner.resolve_tensor(item).detach(),
-                    on_done=_committer(planner, item, lock),
+                    on_done=commit_callback(planner, item, lock),
                 )
             )
         reader = FragmentReader(store, verify=False, threads=self.threads)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -34,73 +34,19 @@ from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 
-from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CheckpointExistsError
 from torch_ucp.metadata.codec import placement_to_json
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.schema import CheckpointMetadata, MeshInfo, PlacementInfo, StoredBytes
 from torch_ucp.planner.provenance import UCP_KEY, SaveInfo
-from torch_ucp.storage.checksum import block_checksums
-from torch_ucp.storage.reader import load_metadata
+from torch_ucp.storage.objects import ITEM_ALIGNMENT, ObjectStream
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import encode_value
-from torch_ucp.storage.writer import (
-    DATA_PREFIX,
-    ITEM_ALIGNMENT,
-    UCPWriter,
-    _ItemStored,
-    _write_all,
-    tensor_bytes,
-)
+from torch_ucp.storage.writer import DATA_PREFIX, ItemStored, UCPWriter, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointBuilder"]
-
-
-class ObjectStream:
-    """One data object being written: appends runs of bytes, returns where each went.
-
-    Each run starts at a multiple of ``alignment`` bytes (zero bytes fill the gaps), as
-    ``UCPWriter`` lays out its data objects (``ITEM_ALIGNMENT``).
-    """
-
-    def __init__(self, store: Store, rel: str, alignment: int = 1) -> None:
-        self.store = store
-        self.rel = rel
-        self.alignment = alignment
-        self.offset = 0
-        self._file: IO[bytes] | None = store.open_write(rel)
-
-    def append(
-        self, data: memoryview, block_bytes: int = 1 << 20, algorithm: str | None = None
-    ) -> StoredBytes:
-        """Write ``data`` at the end of the object; with an ``algorithm``, with the block
-        checksums of the format."""
-        assert self._file is not None
-        checks = block_checksums(data, block_bytes, algorithm) if algorithm else []
-        pad = -self.offset % self.alignment
-        if pad:
-            _write_all(self._file, memoryview(bytes(pad)))
-            self.offset += pad
-        # fsspec's buffered files copy whatever is written into their buffer before uploading
-        # it: write in buffer-sized pieces so a large tensor is not duplicated in memory.
-        step = knobs.write_buffer_bytes()
-        for start in range(0, len(data), step):
-            _write_all(self._file, data[start : start + step])
-        stored = StoredBytes(self.rel, self.offset, len(data), tuple(checks))
-        self.offset += len(data)
-        return stored
-
-    def close(self) -> None:
-        if self._file is not None:
-            f, self._file = self._file, None
-            self.store.close_durably(f)
-
-    def abort(self) -> None:
-        if self._file is not None:
-            f, self._file = self._file, None
-            self.store.abort_write(f)
 
 
 class CheckpointBuilder:
@@ -214,7 +160,7 @@ class CheckpointBuilder:
             WriteResult(
                 index=MetadataIndex(fqn, [0] * len(shape)),
                 size_in_bytes=stored.byte_length,
-                storage_data=_ItemStored(stored, 0),
+                storage_data=ItemStored(stored, 0),
             )
         )
         self._mappings[fqn] = tuple(path) if path is not None else (fqn,)
@@ -248,7 +194,7 @@ class CheckpointBuilder:
             WriteResult(
                 index=MetadataIndex(fqn),
                 size_in_bytes=stored.byte_length,
-                storage_data=_ItemStored(stored, 0, encoding),
+                storage_data=ItemStored(stored, 0, encoding),
             )
         )
         self._mappings[fqn] = tuple(path) if path is not None else (fqn,)
@@ -282,7 +228,7 @@ class CheckpointBuilder:
             self.abort()
             raise
         self._closed = True
-        self.metadata = load_metadata(self.store)
+        self.metadata = self._writer.metadata
         self.save_id = self.metadata.save_id  # differs only if nothing was added
         return self.metadata
 

@@ -152,7 +152,7 @@ class UCPReader(StorageReader):
                     offsets=tuple(item.storage_offsets),
                     lengths=tuple(item.lengths),
                     dest=dest,
-                    on_done=_committer(planner, item, planner_lock),
+                    on_done=commit_callback(planner, item, planner_lock),
                 )
             )
         reader = FragmentReader(
@@ -186,7 +186,9 @@ class UCPReader(StorageReader):
         return isinstance(checkpoint_id, (str, os.PathLike))
 
 
-def _committer(planner: LoadPlanner, item: ReadItem, lock: threading.Lock):
+def commit_callback(planner: LoadPlanner, item: ReadItem, lock: threading.Lock):
+    """``BoxRead.on_done`` calling ``planner.commit_tensor`` (serialized: planners need not be
+    thread-safe)."""
     def commit(tensor: torch.Tensor) -> None:
         with lock:
             planner.commit_tensor(item, tensor)

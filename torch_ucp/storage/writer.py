@@ -38,7 +38,8 @@ from torch_ucp.metadata.schema import (
 )
 from torch_ucp.planner.provenance import SaveInfo, flatten_mapping_of
 from torch_ucp.planner.save_planner import write_item_nbytes
-from torch_ucp.storage.checksum import DEFAULT_ALGORITHM, block_checksums
+from torch_ucp.storage.checksum import DEFAULT_ALGORITHM
+from torch_ucp.storage.objects import ITEM_ALIGNMENT, ObjectStream
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import encode_value
 
@@ -48,7 +49,6 @@ if sys.byteorder != "little":  # pragma: no cover - every torch platform today
     raise ImportError("torch_ucp stores raw little-endian bytes and needs a little-endian host")
 
 DATA_PREFIX = "data-"
-ITEM_ALIGNMENT = 64  # bytes; every item in a data object starts at a multiple of this
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class _RankAssignment:
 
 
 @dataclass(frozen=True)
-class _ItemStored:
+class ItemStored:
     """``WriteResult.storage_data``: where an item's bytes went and how they are encoded."""
 
     data: StoredBytes
@@ -134,6 +134,7 @@ class UCPWriter(StorageWriter):
         self.is_coordinator = False
         self.save_id: str | None = None
         self.bytes_written = 0
+        self.metadata: CheckpointMetadata | None = None  # the coordinator's, after a commit
 
     @property
     def url(self) -> str | None:
@@ -205,29 +206,21 @@ class UCPWriter(StorageWriter):
         """Stream ``items`` into one data object; on failure abort it (retries rewrite it)."""
         assert self.store is not None
         results = []
-        offset = 0
-        f = self.store.open_write(rel)
+        stream = ObjectStream(self.store, rel, ITEM_ALIGNMENT)
         try:
             for item in items:
                 data, encoding = self._item_bytes(item, planner)
-                checks = block_checksums(data, self.checksum_block_bytes, self.checksum_algorithm)
-                pad = -offset % ITEM_ALIGNMENT
-                if pad:  # items start aligned, so readers can view mapped bytes as any dtype
-                    _write_all(f, memoryview(bytes(pad)))
-                    offset += pad
-                _write_all(f, data)
-                stored = StoredBytes(rel, offset, len(data), tuple(checks))
+                stored = stream.append(data, self.checksum_block_bytes, self.checksum_algorithm)
                 results.append(
                     WriteResult(
                         index=item.index,
                         size_in_bytes=len(data),
-                        storage_data=_ItemStored(stored, rank, encoding),
+                        storage_data=ItemStored(stored, rank, encoding),
                     )
                 )
-                offset += len(data)
-            self.store.close_durably(f)
+            stream.close()
         except BaseException:
-            self.store.abort_write(f)
+            stream.abort()
             raise
         return results
 
@@ -250,6 +243,7 @@ class UCPWriter(StorageWriter):
         )
         self.save_id = meta.save_id
         self.store.write_atomic(METADATA_FILE, encode_metadata(meta))
+        self.metadata = meta
         self._remove_stale(meta.save_id)
 
     def _remove_stale(self, save_id: str) -> None:
@@ -272,15 +266,6 @@ class UCPWriter(StorageWriter):
         return isinstance(checkpoint_id, (str, os.PathLike))
 
 
-def _write_all(f: Any, data: memoryview) -> None:
-    view = data
-    while len(view):
-        n = f.write(view)
-        if n is None or n == len(view):  # buffered streams write everything
-            return
-        view = view[n:]
-
-
 def build_checkpoint_metadata(
     metadata: Metadata,
     results: list[list[WriteResult]],
@@ -289,7 +274,7 @@ def build_checkpoint_metadata(
     checksum_block_bytes: int,
 ) -> CheckpointMetadata:
     """Join DCP's global metadata with every rank's write results into the torch_ucp format."""
-    stored: dict[MetadataIndex, _ItemStored] = {
+    stored: dict[MetadataIndex, ItemStored] = {
         r.index: r.storage_data for rank_results in results for r in rank_results
     }
     info = SaveInfo.from_planner_data(metadata.planner_data) or SaveInfo()
