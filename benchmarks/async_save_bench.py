@@ -1,6 +1,6 @@
 """Asynchronous save during a CPU training loop: what the caller pays, and what training pays.
 
-    python benchmarks/async_save_bench.py [--size-mb 300] [--saves 4] [--steps-per-save 3]
+    python benchmarks/async_save_bench.py [--size-mb 300] [--saves 6] [--steps-per-save 3]
                                           [--bounded-fraction 0.25] [--dir /tmp/ucp-async-bench]
 
 Two gloo ranks train the demo Llama-style model (FSDP2 + AdamW; model and optimizer state of
@@ -10,26 +10,35 @@ Two gloo ranks train the demo Llama-style model (FSDP2 + AdamW; model and optimi
 * ``no checkpoint``: the training steps alone (the step-time baseline);
 * ``sync ucp`` / ``sync stock``: ``dcp.save`` with ``UCPWriter`` / ``FileSystemWriter``;
 * ``async ucp``: ``torch_ucp.async_save`` (staging pool, dedicated gloo group);
+* ``async ucp overlap``: the same with ``stage_before_step=optimizer``: the copy into the pool
+  overlaps the next forward/backward and the optimizer step waits for it if needed;
 * ``async ucp bounded``: the same with ``max_staging_bytes`` = ``--bounded-fraction`` of the
   state (the writer copies the rest while the caller waits);
 * ``async stock``: ``dcp.async_save(storage_writer=FileSystemWriter, process_group=<gloo>)``.
 
-Columns (medians over the saves after the first; the first save is shown apart because it
-allocates the staging pool; per rank, worst rank):
+Each mode first makes two saves back to back with no training running (the first checkpoint
+of the process: it allocates torch_ucp's staging pool), sampling resident memory, then
+``--saves`` saves during training. Columns (per rank medians, worst rank):
 
 * ``save s``: call to committed checkpoint (synchronous: the call itself);
-* ``blocked s``: how long the caller waits in the save call (taking ``state_dict()`` included);
+* ``blocked s``: how long the caller waits in the save call (taking ``state_dict()`` included),
+  plus, with ``overlap``, the time optimizer steps waited for staging; ``1st save``: the same
+  for the first checkpoint of the process;
 * ``blocked/sync``: blocked time over the synchronous save of the same state with the same
   writer (``sync ucp`` for torch_ucp, ``sync stock`` for stock DCP);
-* ``step s`` and ``slowdown``: training step time while a background save runs, against the
-  ``no checkpoint`` baseline;
-* ``peak RSS``: the largest resident-memory increase over the pre-checkpoint baseline during
-  the saves, over this rank's state size.
+* ``step s``, ``in save`` and ``slowdown``: training step time with no save running and while
+  a background save runs, in the same run (steps of both kinds alternate, so load from other
+  processes on the machine affects both alike); ``no checkpoint`` gives the plain step time;
+* ``peak RSS``: the largest resident-memory increase during the two back-to-back saves over
+  the memory before the first checkpoint (after ``malloc_trim``, so that memory training freed
+  but the allocator kept does not hide a save's allocations), over this rank's state size
+  (the staging pool stays resident between saves, so it counts).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import shutil
@@ -53,7 +62,8 @@ from torch_ucp.async_save import AsyncSaver  # noqa: E402
 from torch_ucp.demo.launch import run_distributed  # noqa: E402
 from torch_ucp.demo.model import ModelConfig, build, train_step  # noqa: E402
 
-MODES = ["no checkpoint", "sync ucp", "sync stock", "async ucp", "async ucp bounded", "async stock"]
+MODES = ["no checkpoint", "sync ucp", "sync stock", "async ucp", "async ucp overlap",
+         "async ucp bounded", "async stock"]
 BYTES_PER_DIM2 = 12 * 2 * (4 + 3 * 11 / 4)  # fp32 param + 2 AdamW states, 2 layers, ffn = 2.75 d
 
 
@@ -78,6 +88,14 @@ class TrainState(Stateful):
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim() -> None:
+    """Return the memory training freed to the OS, so that a save reusing it shows in RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class PeakRSS:
@@ -124,9 +142,39 @@ def _local_state_bytes(model: torch.nn.Module, optim: torch.optim.Optimizer) -> 
     return total
 
 
+class _Saving:
+    """One save in ``mode``: ``start()`` returns after the caller is released."""
+
+    def __init__(self, mode: str, saver: AsyncSaver, optim: torch.optim.Optimizer, group: Any):
+        self.mode, self.saver, self.optim, self.group = mode, saver, optim, group
+
+    def start(self, app: dict[str, Any], url: str) -> tuple[Any, Any]:
+        """Returns ``(future of the committed save or None, torch_ucp handle or None)``."""
+        mode = self.mode
+        if mode == "sync ucp":
+            dcp.save(app, storage_writer=UCPWriter(url), planner=UCPSavePlanner())
+            return None, None
+        if mode == "sync stock":
+            dcp.save(app, storage_writer=dcp.FileSystemWriter(url))
+            return None, None
+        if mode.startswith("async ucp"):
+            overlap = self.optim if mode == "async ucp overlap" else None
+            handle = self.saver.save(app, url, stage_before_step=overlap)
+            return handle.done(), handle
+        if mode == "async stock":
+            f = dcp.async_save(app, storage_writer=dcp.FileSystemWriter(url), process_group=self.group)
+            return getattr(f, "upload_completion", f), None
+        raise ValueError(mode)
+
+
 def bench_rank(mode: str, base: str, size_mb: float, saves: int, steps_per_save: int,
                bounded_fraction: float) -> dict[str, Any]:
-    """One mode on one rank; returns timings (seconds) and memory (bytes)."""
+    """One mode on one rank; returns timings (seconds) and memory (bytes).
+
+    Phase 1 (memory): two saves back to back with no training in between, sampling RSS; the
+    first is the first checkpoint of the process (it allocates torch_ucp's staging pool).
+    Phase 2 (training): ``saves`` saves, each followed by ``steps_per_save`` training steps.
+    """
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     cfg = model_config(size_mb)
@@ -141,54 +189,62 @@ def bench_rank(mode: str, base: str, size_mb: float, saves: int, steps_per_save:
     group = dist.new_group(backend="gloo") if mode == "async stock" else None
     saver = AsyncSaver(max_staging_bytes=int(state_bytes * bounded_fraction)
                        if mode == "async ucp bounded" else None)
+    saving = _Saving(mode, saver, optim, group)
     rank = dist.get_rank()
-    dist.barrier()
-    baseline_rss = _rss()
     out: dict[str, Any] = {"state_bytes": state_bytes, "blocked": [], "save": [], "steps": [],
-                           "steps_during_save": []}
-    with PeakRSS() as peak:
-        for i in range(saves):
-            url = os.path.join(base, f"save-{i}")
-            app["step"] = step
-            dist.barrier()
-            t0 = time.perf_counter()
-            handle = None
-            if mode == "sync ucp":
-                dcp.save(app, storage_writer=UCPWriter(url), planner=UCPSavePlanner())
-            elif mode == "sync stock":
-                dcp.save(app, storage_writer=dcp.FileSystemWriter(url))
-            elif mode.startswith("async ucp"):
-                handle = saver.save(app, url)
-                done = handle.done()
-            elif mode == "async stock":
-                done = dcp.async_save(app, storage_writer=dcp.FileSystemWriter(url),
-                                      process_group=group)
-                done = getattr(done, "upload_completion", done)
-            blocked = time.perf_counter() - t0
-            finished = [None if mode != "no checkpoint" and "async" in mode else t0 + blocked]
-            if "async" in mode:
-                done.add_done_callback(lambda _, box=finished: box.__setitem__(0, time.perf_counter()))
-            for _ in range(steps_per_save):
-                s0 = time.perf_counter()
-                in_flight = "async" in mode and not done.done()
-                train_step(model, optim, cfg, step)
-                step += 1
-                (out["steps_during_save"] if in_flight else out["steps"]).append(time.perf_counter() - s0)
-            if "async" in mode:
-                done.result()
-            if handle is not None:
-                st = handle.stats
-                out.setdefault("breakdown", []).append(
-                    {"state_dict": st.state_dict, "staging": st.staging, "streaming": st.streaming,
-                     "waited": st.waited, "background": st.background})
-            if mode != "no checkpoint":
-                out["blocked"].append(blocked)
-                out["save"].append(finished[0] - t0)
-            dist.barrier()
-            if rank == 0:
-                shutil.rmtree(url, ignore_errors=True)
+                           "steps_during_save": [], "peak_rss_extra": 0, "blocked_first": None}
+
+    def clean(url: str) -> None:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(url, ignore_errors=True)
+
+    if mode != "no checkpoint":  # phase 1: checkpoint memory, nothing else running
+        dist.barrier()
+        _malloc_trim()
+        rss0 = _rss()
+        with PeakRSS() as peak:
+            for i in range(2):
+                url = os.path.join(base, f"memory-{i}")
+                t0 = time.perf_counter()
+                done, _ = saving.start(app, url)
+                if i == 0:
+                    out["blocked_first"] = time.perf_counter() - t0
+                if done is not None:
+                    done.result()
+                clean(url)
+        out["peak_rss_extra"] = peak.peak - rss0
+
+    for i in range(saves):  # phase 2: saves during training
+        url = os.path.join(base, f"save-{i}")
+        app["step"] = step
+        dist.barrier()
+        t0 = time.perf_counter()
+        done, handle = saving.start(app, url) if mode != "no checkpoint" else (None, None)
+        blocked = time.perf_counter() - t0
+        finished = [t0 + blocked]
+        if done is not None:
+            finished[0] = None
+            done.add_done_callback(lambda _, box=finished: box.__setitem__(0, time.perf_counter()))
+        for _ in range(steps_per_save):
+            s0 = time.perf_counter()
+            in_flight = done is not None and not done.done()
+            train_step(model, optim, cfg, step)
+            step += 1
+            (out["steps_during_save"] if in_flight else out["steps"]).append(time.perf_counter() - s0)
+        if done is not None:
+            done.result()
+        if handle is not None:
+            st = handle.stats
+            blocked += st.step_wait  # optimizer steps that waited for staging
+            out.setdefault("breakdown", []).append(
+                {"state_dict": st.state_dict, "staging": st.staging, "streaming": st.streaming,
+                 "step_wait": st.step_wait, "background": st.background})
+        if mode != "no checkpoint":
+            out["blocked"].append(blocked)
+            out["save"].append(finished[0] - t0)
+        clean(url)
     saver.close()
-    out["peak_rss_extra"] = peak.peak - baseline_rss
     return out
 
 
@@ -200,48 +256,45 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per mode: worst rank of each per-rank median."""
     rows = []
     for mode, per_rank in results.items():
-        def worst(key: str, skip_first: bool = True) -> float | None:
-            vals = [_median(r[key][1:] if skip_first and len(r[key]) > 1 else r[key]) for r in per_rank]
+        def worst(key: str, per_rank: list = per_rank) -> float | None:
+            vals = [_median(r[key]) for r in per_rank]
             vals = [v for v in vals if v is not None]
             return max(vals) if vals else None
 
         rows.append({
             "mode": mode,
             "save": worst("save"),
-            "blocked_first": max((r["blocked"][0] for r in per_rank if r["blocked"]), default=None),
+            "blocked_first": max((r["blocked_first"] for r in per_rank
+                                  if r["blocked_first"] is not None), default=None),
             "blocked": worst("blocked"),
-            "step": worst("steps", skip_first=False),
-            "step_during_save": worst("steps_during_save", skip_first=False),
-            "peak_rss": max(r["peak_rss_extra"] / r["state_bytes"] for r in per_rank),
+            "step": worst("steps"),
+            "step_during_save": worst("steps_during_save"),
+            "peak_rss_extra": max(r["peak_rss_extra"] for r in per_rank),
             "state_bytes": per_rank[0]["state_bytes"],
         })
     by = {r["mode"]: r for r in rows}
-    base_step = by.get("no checkpoint", {}).get("step")
     for r in rows:
+        r["peak_rss"] = r["peak_rss_extra"] / r["state_bytes"] if r["mode"] != "no checkpoint" else None
         sync = by.get("sync stock" if "stock" in r["mode"] else "sync ucp", {}).get("save")
         r["blocked_frac"] = r["blocked"] / sync if r["blocked"] is not None and sync else None
-        during = r["step_during_save"]
-        r["slowdown"] = during / base_step - 1 if during and base_step else None
+        during, between = r["step_during_save"], r["step"]
+        r["slowdown"] = during / between - 1 if during and between else None
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    def f(v: float | None, fmt: str) -> str:
-        return format(v, fmt) if v is not None else "-"
+    def cell(v: float | None, fmt: str, width: int, scale: float = 1.0, unit: str = "") -> str:
+        return (format(v * scale, fmt) + unit if v is not None else "-").rjust(width)
 
-    lines = [
-        f"{'mode':<19} {'save s':>7} {'blocked s':>10} {'(1st save)':>10} {'blocked/sync':>12} "
-        f"{'step s':>7} {'step s in save':>14} {'slowdown':>8} {'peak RSS':>9}",
-        "-" * 104,
-    ]
+    header = (f"{'mode':<19}{'save s':>8}{'blocked s':>11}{'1st save':>10}{'blocked/sync':>14}"
+              f"{'step s':>8}{'in save':>9}{'slowdown':>10}{'peak RSS':>10}")
+    lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['mode']:<19} {f(r['save'], '7.3f')} {f(r['blocked'], '10.4f')} "
-            f"{f(r['blocked_first'], '10.4f')} "
-            f"{f(r['blocked_frac'] * 100 if r['blocked_frac'] is not None else None, '11.1f')}% "
-            f"{f(r['step'], '7.3f')} {f(r['step_during_save'], '14.3f')} "
-            f"{f(r['slowdown'] * 100 if r['slowdown'] is not None else None, '7.0f')}% "
-            f"{r['peak_rss']:>8.2f}x"
+            f"{r['mode']:<19}{cell(r['save'], '.3f', 8)}{cell(r['blocked'], '.4f', 11)}"
+            f"{cell(r['blocked_first'], '.4f', 10)}{cell(r['blocked_frac'], '.1f', 14, 100, '%')}"
+            f"{cell(r['step'], '.3f', 8)}{cell(r['step_during_save'], '.3f', 9)}"
+            f"{cell(r['slowdown'], '+.0f', 10, 100, '%')}{cell(r['peak_rss'], '.2f', 10, 1, 'x')}"
         )
     return "\n".join(lines)
 
@@ -264,7 +317,7 @@ def run(size_mb: float, saves: int, steps_per_save: int, bounded_fraction: float
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mb", type=float, default=300.0, help="model + optimizer state, all ranks")
-    p.add_argument("--saves", type=int, default=4)
+    p.add_argument("--saves", type=int, default=6)
     p.add_argument("--steps-per-save", type=int, default=3)
     p.add_argument("--bounded-fraction", type=float, default=0.25)
     p.add_argument("--dir", default="/tmp/ucp-async-bench")

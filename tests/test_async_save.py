@@ -1,11 +1,14 @@
 """Asynchronous save (issue 4): ``torch_ucp.async_save`` and ``dcp.async_save`` with UCPWriter.
 
-A save started during training holds exactly the state at the call, bit for bit, although the
-optimizer keeps stepping while it is written (the background save is held back until the
-training steps after the call have run, so a leak would show). Saves run one at a time; a
-failing save raises on ``result()`` and commits nothing; the staging pool is allocated once and
-reused; bounded staging keeps the pool within its bound. Real gloo processes, local disk and a
-real local S3 server.
+A save started during FSDP2 + AdamW training holds exactly the state at the call, bit for bit,
+although the optimizer keeps stepping while it is written (the background save is held back
+until the training steps after the call have run, so a leak would show); the same with the
+copy overlapping forward/backward (``stage_before_step``: the optimizer step waits for it) and
+with bounded staging (the pool stays within its bound, the writer copies the rest). Saves run
+one at a time; a failing save (storage error on all ranks or on one, an in-place change that
+beat the copy on one rank) raises on ``result()`` on every rank and commits nothing; the
+staging pool is allocated once and resident memory stays flat over repeated saves. Real gloo
+processes, local disk and a real local S3 server.
 """
 
 from __future__ import annotations
@@ -88,6 +91,18 @@ class FailingWriter(UCPWriter):
         if dist.get_rank() == self.victim:
             raise OSError(f"injected write failure on rank {self.victim}")
         return super().write_data(plan, planner)
+
+
+class SlowPool(StagingPool):
+    """A staging pool whose bulk copy starts ``delay`` seconds late (a large, slow state)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def copy(self, prepared):
+        time.sleep(self.delay)
+        return super().copy(prepared)
 
 
 def _leaves(obj: Any, prefix: str = ""):
@@ -208,6 +223,57 @@ def _train_and_save(url: str, options: dict) -> dict[str, Any]:
     return out
 
 
+def _overlapped_staging(url: str) -> dict[str, Any]:
+    """stage_before_step: the copy overlaps forward/backward, optimizer.step() waits for it;
+    an in-place change that bypasses the optimizer (on one rank) fails the save everywhere."""
+    cfg, model, optim = _fsdp_training(steps=2)
+    out: dict[str, Any] = {}
+    with AsyncSaver(pool=SlowPool(0.5)) as saver:
+        state = {"train": TrainState(model, optim), "step": 2}
+        expected = _snapshot(state)
+        handle = saver.save(state, f"{url}/overlap", stage_before_step=optim)
+        out["staged_on_return"] = handle.staged().done()
+        out["blocked"] = handle.stats.blocked
+        for step in (2, 3):
+            train_step(model, optim, cfg, step)
+        out["staged_after_steps"] = handle.staged().done()
+        handle.result(timeout=120)
+        out["step_wait"] = handle.stats.step_wait
+        out["live_changed"] = _differs(expected, state)
+        out["overlap"] = _load_and_compare(f"{url}/overlap", {}, state, expected)
+
+        running = torch.zeros(16)  # e.g. statistics a forward pass updates in place
+        state["running"] = running
+        handle = saver.save(state, f"{url}/race", stage_before_step=optim)
+        if dist.get_rank() == 1:
+            running.add_(1.0)  # not through the optimizer: the guard cannot hold it back
+        try:
+            handle.result(timeout=120)
+            out["race"] = None
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported to the test
+            out["race"] = f"{type(e).__name__}: {e}"
+        out["race_staged_error"] = repr(handle.staged().exception(timeout=1))
+        out["race_committed"] = _committed(f"{url}/race")
+
+        del state["running"]  # (now differs between ranks)
+        expected = _snapshot(state)  # the saver still works
+        handle = saver.save(state, f"{url}/after", stage_before_step=[optim])
+        train_step(model, optim, cfg, 4)
+        handle.result(timeout=120)
+        out["after"] = _load_and_compare(f"{url}/after", {}, state, expected)
+    return out
+
+
+def _committed(url: str, **options: Any) -> bool | str:
+    try:
+        open_checkpoint(url, **options)
+        return True
+    except CheckpointNotFoundError:
+        return False
+    except Exception as e:  # noqa: BLE001 - e.g. the parent is a file
+        return f"unreadable ({type(e).__name__})"
+
+
 def _two_saves(base: str) -> dict[str, Any]:
     cfg, model, optim = _fsdp_training(steps=1)
     records: list[str] = []
@@ -274,13 +340,7 @@ def _failing_saves(base: str, s3_options: dict) -> dict[str, Any]:
                 out[name] = {"raised": f"{type(e).__name__}: {e}"}
             out[name]["seconds"] = time.perf_counter() - t0
             url = target if isinstance(target, str) else target.url
-            try:
-                open_checkpoint(url, **options)
-                out[name]["committed"] = True
-            except CheckpointNotFoundError:
-                out[name]["committed"] = False
-            except Exception as e:  # noqa: BLE001 - e.g. the parent is a file
-                out[name]["committed"] = f"unreadable ({type(e).__name__})"
+            out[name]["committed"] = _committed(url, **options)
         out["partial_data_written"] = any(
             n.startswith("data-") for n in os.listdir(f"{base}/partial")
         ) if os.path.isdir(f"{base}/partial") else False
@@ -393,6 +453,29 @@ def test_async_save_during_fsdp2_training_is_bit_exact(where, tmp_path, request)
         assert b["capacity"] <= b["bound"], b
 
 
+@pytest.fixture(scope="module")
+def overlapped(tmp_path_factory):
+    return run_distributed(_overlapped_staging, 2, str(tmp_path_factory.mktemp("overlap")))
+
+
+def test_stage_before_step_overlaps_the_copy_and_guards_the_optimizer(overlapped):
+    for rank, r in enumerate(overlapped):
+        assert r["overlap"] == [], (rank, r["overlap"])
+        assert not r["staged_on_return"], "the copy should still be running (0.5 s delay)"
+        assert r["blocked"] < 0.4, r["blocked"]
+        assert r["staged_after_steps"]
+        assert r["step_wait"] > 0.1, f"optimizer.step() did not wait: {r['step_wait']}"
+        assert r["live_changed"]
+        assert r["after"] == [], (rank, r["after"])
+
+
+def test_in_place_change_before_staging_fails_the_save_on_every_rank(overlapped):
+    for rank, r in enumerate(overlapped):
+        assert r["race"] and "modified in place" in r["race"], (rank, r["race"])
+        assert r["race_committed"] is False
+    assert "StagingRaceError" in overlapped[1]["race_staged_error"]
+
+
 def test_second_save_waits_for_the_first(tmp_path):
     results = run_distributed(_two_saves, 2, str(tmp_path))
     for rank, r in enumerate(results):
@@ -468,6 +551,8 @@ def test_single_process_async_save_and_staging_structure(tmp_path):
         "list": [torch.ones(2, dtype=torch.bfloat16), "x", 3],
         "tuple": (1, torch.zeros(0)),
         "value": {"lr": 0.5},
+        "transposed": torch.randn(5, 3).t(),  # non-contiguous source
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
     }
     pool = StagingPool()
     staged = pool.stage(state)
@@ -476,6 +561,8 @@ def test_single_process_async_save_and_staging_structure(tmp_path):
     assert sd["value"] == state["value"] and sd["value"] is not state["value"]
     assert torch.equal(sd["a"], state["a"]) and sd["a"].data_ptr() != state["a"].data_ptr()
     assert sd["list"][0].dtype == torch.bfloat16 and sd["tuple"][1].shape == (0,)
+    for key in ("transposed", "scalar"):
+        assert torch.equal(sd[key], state[key]) and sd[key].dtype == state[key].dtype
     assert all(
         t.data_ptr() % 64 == 0 for _, t in _leaves(sd) if isinstance(t, torch.Tensor) and t.numel()
     )
@@ -520,9 +607,24 @@ def test_bounded_pool_streams_the_head_and_never_exceeds_the_bound(tmp_path):
         assert saver.pool.allocations == 1 and saver.pool.capacity_bytes <= bound
 
 
+def test_max_staging_bytes_knob_bounds_the_pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_UCP_MAX_STAGING_BYTES", str(300 * 1024))
+    state = {f"t{i}": torch.randn(256, 256) for i in range(4)}  # 4 x 256 KiB
+    with AsyncSaver() as saver:
+        handle = saver.save(state, str(tmp_path / "ckpt"))
+        handle.result(timeout=60)
+        assert saver.pool.capacity_bytes <= 300 * 1024
+    assert handle.stats.pooled_bytes == 256 * 1024 and handle.stats.streamed_bytes == 3 * 256 * 1024
+    ckpt = open_checkpoint(str(tmp_path / "ckpt"))
+    assert all(torch.equal(ckpt.read(k), v) for k, v in state.items())
+
+
 def test_streamed_fragment_asked_again_after_release_fails_the_save():
     t = torch.ones(4)
-    planner = StreamingPlanner(UCPSavePlanner(), frozenset({id(t)}))
+    prepared = StagingPool().prepare({"t": t}, max_bytes=1)
+    (leaf,) = prepared.leaves
+    assert not leaf.pooled
+    planner = StreamingPlanner(UCPSavePlanner(), {id(t): leaf})
     planner.set_up_planner({"t": t}, None, True)
     plan = planner.create_local_plan()
     plan = planner.finish_plan(plan)

@@ -16,10 +16,14 @@ from torch_ucp.errors import (
 )
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.storage import UCPReader, UCPWriter
+from torch_ucp.async_save import AsyncSaveHandle, AsyncSaver, async_save  # noqa: E402  (after storage)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSaveHandle",
+    "AsyncSaver",
+    "async_save",
     "Checkpoint",
     "CheckpointError",
     "CheckpointExistsError",

@@ -89,3 +89,9 @@ def retry_base_delay() -> float:
 
 def retry_max_delay() -> float:
     return _env_float("RETRY_MAX_DELAY", 5.0)
+
+
+def max_staging_bytes() -> int:
+    """Bound of the host memory an async save stages into, per process (0: no bound).
+    A larger state is staged in part and the writer copies the rest while the caller waits."""
+    return _env_int("MAX_STAGING_BYTES", 0)

@@ -12,6 +12,8 @@
 The caller is blocked only while ``state_dict()`` is taken and the tensors are copied into a
 reusable staging pool (:mod:`~torch_ucp.async_save.staging`); planning, checksums and I/O run in
 a background thread over a dedicated gloo process group (:mod:`~torch_ucp.async_save.saver`).
+With ``stage_before_step=optimizer`` the copy runs in the background too, overlapping forward
+and backward, and the optimizer's next ``step()`` waits for it.
 With ``max_staging_bytes`` the pool is bounded and the writer copies what did not fit
 (:mod:`~torch_ucp.async_save.streaming`). ``dcp.async_save(state,
 storage_writer=UCPWriter(url), planner=UCPSavePlanner())`` works too, in thread and process mode.
@@ -28,7 +30,14 @@ from torch_ucp.async_save.saver import (
     default_max_staging_bytes,
     default_saver,
 )
-from torch_ucp.async_save.staging import StagedState, StagingPool, rebuild_dtensor
+from torch_ucp.async_save.staging import (
+    PreparedState,
+    StagedLeaf,
+    StagedState,
+    StagingPool,
+    StagingRaceError,
+    rebuild_dtensor,
+)
 from torch_ucp.async_save.streaming import StreamingPlanner
 
 __all__ = [
@@ -36,8 +45,11 @@ __all__ = [
     "AsyncSaveHandle",
     "AsyncSaveStats",
     "AsyncSaver",
+    "PreparedState",
+    "StagedLeaf",
     "StagedState",
     "StagingPool",
+    "StagingRaceError",
     "StreamingPlanner",
     "async_save",
     "checkpoint_process_group",

@@ -46,6 +46,8 @@ plus the fragments the writer holds at once (one per writer thread for
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import logging
 import math
 import mmap
@@ -356,13 +358,27 @@ def unpooled_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
 
 
+def _load_memcpy() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")  # releases the GIL
+        fn = libc.memcpy
+    except (OSError, AttributeError):  # pragma: no cover - no C library to load
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_void_p
+    return fn
+
+
+_MEMCPY = _load_memcpy()
+
+
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` for a contiguous CPU ``dst`` of ``src``'s shape and dtype.
 
-    Contiguous CPU sources are copied as raw bytes with ``numpy.copyto``: one memcpy on the
-    calling thread, with the GIL released. ``Tensor.copy_`` goes through TensorIterator and
-    OpenMP, which measured about 2x slower single-threaded, and 3-10x slower with intra-op
-    threads on a loaded machine.
+    Contiguous CPU sources are copied as raw bytes with the C library's ``memcpy`` (through
+    ctypes, which releases the GIL): glibc switches to non-temporal stores for large copies
+    and measured about 2x faster than ``Tensor.copy_`` or ``numpy.copyto`` on one thread, and
+    ``Tensor.copy_`` with intra-op threads was 3-10x slower on a loaded machine.
     """
     src = src.detach()
     if (
@@ -371,8 +387,14 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         and not (src.is_conj() or src.is_neg())
         and src.numel() > 0
         and dst.is_contiguous()
+        and dst.shape == src.shape
+        and dst.dtype == src.dtype
     ):
-        np.copyto(dst.reshape(-1).view(torch.uint8).numpy(), src.reshape(-1).view(torch.uint8).numpy())
+        nbytes = src.numel() * src.element_size()
+        if _MEMCPY is not None:
+            _MEMCPY(dst.data_ptr(), src.data_ptr(), nbytes)
+        else:  # pragma: no cover
+            np.copyto(dst.reshape(-1).view(torch.uint8).numpy(), src.reshape(-1).view(torch.uint8).numpy())
     else:
         dst.copy_(src)
 
