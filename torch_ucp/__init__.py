@@ -5,6 +5,7 @@ into any DeviceMesh, world size, or a plain process with ``dcp.load(..., storage
 UCPReader(url), planner=UCPLoadPlanner())`` or :func:`open_checkpoint`.
 """
 
+from torch_ucp.async_save import AsyncSaveHandle, AsyncSaver, async_save
 from torch_ucp.checkpoint import Checkpoint, open_checkpoint
 from torch_ucp.errors import (
     CheckpointError,
@@ -16,7 +17,6 @@ from torch_ucp.errors import (
 )
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.storage import UCPReader, UCPWriter
-from torch_ucp.async_save import AsyncSaveHandle, AsyncSaver, async_save  # noqa: E402  (after storage)
 
 __version__ = "0.1.0"
 
