@@ -5,8 +5,10 @@
 Prints one table: save and same-layout load on local disk (torch_ucp vs FileSystemWriter /
 FileSystemReader with DCP's defaults and with 4 threads), and a resharded load (saved Shard(0)
 over 4 ranks, loaded Shard(1) over 2 ranks) with bytes read per bytes needed. Every save is
-durable when it returns (both systems fsync). Bytes read are the ranks' ``rchar`` from
-/proc/self/io, so both systems are counted the same way. Loads are verified bit-exact.
+durable when it returns (both systems fsync). The page cache is dropped before every load (as
+root), and bytes read are the ranks' ``read_bytes`` from /proc/self/io (what the kernel fetched
+from the disk, read calls and memory-map faults alike), so both systems are counted the same
+way. Loads are verified bit-exact.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from torch_ucp.demo.launch import run_distributed  # noqa: E402
 COLS = 4096
 
 
-def _rchar() -> int:
+def _bytes_read() -> int:
+    """Bytes this process made the kernel fetch from storage (``read_bytes``: counts reads and
+    page faults of memory maps alike; meaningful with a cold page cache)."""
     with open("/proc/self/io") as f:
         for line in f:
-            if line.startswith("rchar:"):
+            if line.startswith("read_bytes:"):
                 return int(line.split()[1])
     return 0
 
@@ -104,11 +108,11 @@ def save_rank(system: str, path: str, size_bytes: int, dim: int, options: dict |
 
 def load_rank(system: str, path: str, size_bytes: int, dim: int, options: dict | None = None) -> dict[str, Any]:
     state = _state(size_bytes, Shard(dim), fill=False)
-    before = _rchar()
+    before = _bytes_read()
     reader = _reader(system, path, options or {})
     planner = UCPLoadPlanner() if system == "ucp" else None
     seconds = _timed(lambda: dcp.load(state, storage_reader=reader, planner=planner))
-    read = _rchar() - before
+    read = _bytes_read() - before
     needed = sum(t.to_local().numel() * 4 for t in state.values())
     ok = all(torch.equal(t.full_tensor(), _full(n, tuple(t.shape))) for n, t in state.items())
     return {"seconds": seconds, "read": read, "needed": needed, "ok": ok}
