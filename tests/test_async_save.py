@@ -48,6 +48,9 @@ from torch_ucp.async_save import (
     checkpoint_process_group,
     rebuild_dtensor,
 )
+from torch_ucp.async_save import (
+    close as close_default_saver,
+)
 from torch_ucp.demo.launch import run_distributed
 from torch_ucp.demo.model import ModelConfig, build, train_step
 
@@ -300,7 +303,7 @@ def _two_saves(base: str) -> dict[str, Any]:
         train_step(model, optim, cfg, 2)
         second.result(timeout=120)
         first.result(timeout=120)
-        torch_ucp.async_save.close()
+        close_default_saver()
     finally:
         saver_logger.removeHandler(handler)
     return {

@@ -36,7 +36,7 @@ def test_s3_reshard(s3_matrix, source, target):
 def test_writer_and_reader_are_picklable(s3_bucket):
     url, options = s3_bucket
     writer = UCPWriter(f"{url}/x", **options)
-    writer.store.fs  # open the filesystem: live handles must not be pickled
+    assert writer.store.fs is not None  # open the filesystem: live handles must not be pickled
     clone = pickle.loads(pickle.dumps(writer))
     assert clone.url == writer.url and clone.storage_options == options
     reader = pickle.loads(pickle.dumps(UCPReader(f"{url}/x", **options)))

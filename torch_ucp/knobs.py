@@ -26,6 +26,11 @@ def write_threads() -> int:
     return _env_int("WRITE_THREADS", 2)
 
 
+def remote_write_threads() -> int:
+    """Writer threads per rank on object stores: each is one multipart upload in flight."""
+    return _env_int("REMOTE_WRITE_THREADS", 8)
+
+
 def writeback_chunk_bytes() -> int:
     """Local disk: after each this many bytes, start writeback of the written range (so the
     final fsync has little left to flush) and drop it from the page cache. 0 disables."""

@@ -110,7 +110,9 @@ class UCPWriter(StorageWriter):
         url: checkpoint folder: a path or fsspec URL (``s3://bucket/run/step-100``). May be
             given later as ``checkpoint_id`` to ``dcp.save``.
         overwrite: allow replacing a committed checkpoint at the same URL.
-        threads: writer threads (= data objects) per rank.
+        threads: writer threads (= data objects, = uploads in flight) per rank; default 2 on
+            local disk (``TORCH_UCP_WRITE_THREADS``), 8 on object stores
+            (``TORCH_UCP_REMOTE_WRITE_THREADS``).
         checksum_block_bytes: checksum granularity.
         **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ``anon=`` ...).
     """
@@ -128,13 +130,21 @@ class UCPWriter(StorageWriter):
         self.storage_options = storage_options
         self.store = Store(url, storage_options) if url is not None else None
         self.overwrite = overwrite
-        self.threads = threads or knobs.write_threads()
+        self._threads = threads
         self.checksum_block_bytes = checksum_block_bytes or knobs.checksum_block_bytes()
         self.checksum_algorithm = DEFAULT_ALGORITHM
         self.is_coordinator = False
         self.save_id: str | None = None
         self.bytes_written = 0
         self.metadata: CheckpointMetadata | None = None  # the coordinator's, after a commit
+
+    @property
+    def threads(self) -> int:
+        """Writer threads (= data objects) per rank: 2 on local disk, 8 on object stores."""
+        if self._threads:
+            return self._threads
+        local = self.store is None or self.store.is_local
+        return knobs.write_threads() if local else knobs.remote_write_threads()
 
     @property
     def url(self) -> str | None:
