@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,19 +110,6 @@ def _reads_for_box(
                     lengths=torch.Size(hit_len),
                 )
             )
-    return items
-
-
-def plan_tensor_reads(
-    fqn: str, saved: TensorStorageMetadata, targets: list[Box], index: BoxIndex | None = None
-) -> list[ReadItem]:
-    """Read items copying every part of the target boxes from the saved chunks that hold it
-    (no patterns: target boxes are in the saved tensor's coordinates)."""
-    source = _Saved(fqn, saved, None, index)
-    identity = list(range(len(saved.size)))
-    items = []
-    for box in targets:
-        items.extend(_reads_for_box(fqn, box.local_offsets, box.global_offsets, box.lengths, source, identity))
     return items
 
 
@@ -439,8 +425,4 @@ def _listing(keys: list[str]) -> str:
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
-def target_nbytes(t: torch.Tensor) -> int:
-    return math.prod(local_tensor(t).shape) * t.element_size()
-
-
-__all__ = ["UCPLoadPlanner", "plan_tensor_reads"]
+__all__ = ["UCPLoadPlanner"]

@@ -66,7 +66,6 @@ class _Job:
     ranges: list[tuple[int, int]]  # fragment-relative (start, length), packed in order
     view_strides: tuple[int, ...]
     view_offset: int
-    verify_whole: bool  # every block in the ranges is whole (block-aligned read)
     zero_copy: bool
     pending: int = 0
     buffer: torch.Tensor | None = None
@@ -203,13 +202,12 @@ class FragmentReader:
                     [(lo, hi - lo)],
                     strides,
                     box_start - lo // itemsize,
-                    verify_whole=True,
                     # the widened range is exactly the box: read it into the destination
                     zero_copy=contiguous_dest and hi - lo == needed and lo == first,
                 )
         ranges = [(int(s), plan.span) for s in plan.starts]
         exact = len(ranges) == 1 and plan.span == needed
-        return _Job(r, ranges, plan.view_strides, plan.view_offset, False, exact and contiguous_dest)
+        return _Job(r, ranges, plan.view_strides, plan.view_offset, exact and contiguous_dest)
 
     def _tasks(self, jobs: list[_Job]) -> list[_Task]:
         """Pack the jobs' ranges into read tasks.
