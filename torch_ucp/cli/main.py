@@ -15,56 +15,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="torch-ucp", description="Universal checkpointing for PyTorch distributed training."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from torch_ucp.cli import convert, export, inspect, verify
     from torch_ucp.demo import run as demo
 
-    p = sub.add_parser(
-        "demo",
-        help="train on FSDP2 x TP, save, reload on 3 other layouts and verify bit-exactly",
-        description=demo.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    demo.add_arguments(p)
-    p.set_defaults(handler=demo.main)
-
-    from torch_ucp.cli import verify
-
-    p = sub.add_parser(
-        "verify",
-        help="check a checkpoint: metadata, coverage, object sizes, every checksum",
-        description=verify.__doc__,
-    )
-    verify.add_arguments(p)
-    p.set_defaults(handler=verify.main)
-
-    from torch_ucp.cli import convert, export, inspect
-
-    p = sub.add_parser(
-        "inspect",
-        help="list every key with dtype, shape, bytes, fragments/chunks and saved layout",
-        description=inspect.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    inspect.add_arguments(p)
-    p.set_defaults(handler=inspect.main)
-
-    p = sub.add_parser(
-        "export",
-        help="write consolidated tensors as safetensors (HF sharded) or one torch.save file",
-        description=export.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    export.add_arguments(p)
-    p.set_defaults(handler=export.main)
-
-    p = sub.add_parser(
-        "convert",
-        help="convert a stock DCP, DeepSpeed universal, safetensors or torch_ucp checkpoint "
-        "into the torch_ucp format",
-        description=convert.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    convert.add_arguments(p)
-    p.set_defaults(handler=convert.main)
+    commands = [
+        ("demo", demo, "train on FSDP2 x TP, save, reload on 3 other layouts and verify bit-exactly"),
+        ("inspect", inspect, "list every key with dtype, shape, bytes, fragments/chunks and saved layout"),
+        ("export", export, "write consolidated tensors as safetensors (HF sharded) or one torch.save file"),
+        ("convert", convert, "convert a stock DCP, DeepSpeed universal, safetensors or torch_ucp "
+         "checkpoint into the torch_ucp format"),
+        ("verify", verify, "check a checkpoint: metadata, coverage, object sizes, every checksum"),
+    ]
+    for name, module, help_text in commands:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(handler=module.main)
     return parser
 
 

@@ -88,8 +88,9 @@ from torch.distributed.checkpoint.planner import (
     LoadPlanner,
     ReadItem,
 )
-from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
+
+from torch_ucp.interop.base import IndexedReader
 
 __all__ = ["DeepSpeedUniversalReader"]
 
@@ -222,7 +223,7 @@ def _tensor_md(shape: tuple[int, ...], dtype: torch.dtype) -> TensorStorageMetad
     )
 
 
-class DeepSpeedUniversalReader(StorageReader):
+class DeepSpeedUniversalReader(IndexedReader):
     """A DCP ``StorageReader`` over a DeepSpeed universal checkpoint folder.
 
     Use::
@@ -246,6 +247,8 @@ class DeepSpeedUniversalReader(StorageReader):
     The reader keeps only plain values (path, options, the small index built by
     ``read_metadata``), so it pickles.
     """
+
+    index_type = _Index
 
     def __init__(
         self,
@@ -357,18 +360,6 @@ class DeepSpeedUniversalReader(StorageReader):
             storage_data=index,
             storage_meta=StorageMeta(checkpoint_id=root),
         )
-
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None:
-        if isinstance(metadata.storage_data, _Index):
-            self._index = metadata.storage_data
-
-    def prepare_local_plan(self, plan: LoadPlan, **kwargs: Any) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan], **kwargs: Any) -> list[LoadPlan]:
-        return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner, **kwargs: Any) -> Future[None]:
         """Serve every read item, one file at a time in sorted order."""

@@ -48,10 +48,10 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
-from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from torch_ucp.errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
+from torch_ucp.interop.base import IndexedReader
 from torch_ucp.metadata.schema import StoredBytes
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.reader import commit_callback
@@ -181,7 +181,7 @@ def read_header(store: Store, rel: str) -> tuple[dict[str, SafetensorsEntry], di
     return entries, {str(k): str(v) for k, v in dict(file_metadata).items()}
 
 
-class SafetensorsReader(StorageReader):
+class SafetensorsReader(IndexedReader):
     """A DCP ``StorageReader`` over Hugging Face safetensors weights (one file or sharded).
 
     Args:
@@ -194,6 +194,8 @@ class SafetensorsReader(StorageReader):
 
     After a load, ``stats`` holds the bytes read and needed by this rank.
     """
+
+    index_type = _Index
 
     def __init__(
         self,
@@ -320,18 +322,6 @@ class SafetensorsReader(StorageReader):
             storage_data=index,
             storage_meta=StorageMeta(checkpoint_id=self.path),
         )
-
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None:
-        if isinstance(metadata.storage_data, _Index):
-            self._index = metadata.storage_data
-
-    def prepare_local_plan(self, plan: LoadPlan, **kwargs: Any) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan], **kwargs: Any) -> list[LoadPlan]:
-        return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner, **kwargs: Any) -> Future[None]:
         """Read the byte ranges each item needs, in parallel, into the planner's tensors."""
