@@ -194,7 +194,8 @@ def test_s3fs_survives_faults(s3_server, s3_bucket):
     modes = ("503", "500", "drop", "drop_after", "reset", "truncate")
     with FaultProxy(s3_server.endpoint_url, fail_rate=0.2, modes=modes, seed=7) as px:
         fs = _fs(px.storage_options(**RETRY_STORAGE_OPTIONS))
-        objs = {f"{bucket}/small/{i}.bin": _rand(20_000 + i, 10 + i) for i in range(5)}
+        # enough requests (~100) that several fault kinds are hit whatever the bucket name
+        objs = {f"{bucket}/small/{i}.bin": _rand(20_000 + i, 10 + i) for i in range(16)}
         for path, data in objs.items():
             fs.pipe_file(path, data)
         for path, data in objs.items():

@@ -62,7 +62,7 @@ def test_ucp_planner_with_stock_writer_loads_with_stock_dcp(tmp_path):
         {"kind": "shard", "dim": 0},
     ]
     chunks = md.state_dict_metadata["model.w_odd"].chunks
-    assert len(info["tensors"]["model.w_odd"]["sources"]) == len(chunks)
+    assert len(info["tensors"]["model.w_odd"]["ranks"]) == len(chunks)
     assert sum(c.sizes.numel() for c in chunks) == 13 * 7
 
 

@@ -25,6 +25,7 @@ class BoxIndex:
     """Finds which of many boxes (a tensor's fragments) overlap a query box, vectorised."""
 
     def __init__(self, offsets: Sequence[Sequence[int]], lengths: Sequence[Sequence[int]], ndim: int):
+        """``offsets``/``lengths``: one row per box (lists, or ``[n, ndim]`` int arrays)."""
         n = len(offsets)
         self._lo = np.asarray(offsets, dtype=np.int64).reshape(n, ndim)
         self._hi = self._lo + np.asarray(lengths, dtype=np.int64).reshape(n, ndim)

@@ -30,6 +30,7 @@ from torch_ucp.patterns.engine import (
 from torch_ucp.patterns.fused import FusedParam
 from torch_ucp.patterns.rename import Rename
 from torch_ucp.planner.boxes import BoxIndex, intersect
+from torch_ucp.planner.global_plan import ChunkList
 from torch_ucp.planner.layout import Box, local_tensor, tensor_boxes
 from torch_ucp.planner.provenance import SaveInfo
 from torch_ucp.planner.save_planner import narrow
@@ -55,9 +56,12 @@ class _Saved:
     def index(self) -> BoxIndex:
         if self._index is None:
             chunks = self.md.chunks
-            self._index = BoxIndex(
-                [c.offsets for c in chunks], [c.sizes for c in chunks], len(self.md.size)
-            )
+            if isinstance(chunks, ChunkList):  # columns already: no per-chunk objects
+                self._index = BoxIndex(chunks.offsets, chunks.lengths, len(self.md.size))
+            else:
+                self._index = BoxIndex(
+                    [c.offsets for c in chunks], [c.sizes for c in chunks], len(self.md.size)
+                )
         return self._index
 
 

@@ -16,23 +16,16 @@ UCP_KEY = "__torch_ucp__"
 
 
 @dataclass
-class TensorLayout:
-    """How one rank holds one tensor: its mesh and placements, and its mesh coordinate."""
-
-    mesh_shape: tuple[int, ...]
-    dim_names: tuple[str, ...] | None
-    placements: list[dict[str, Any]]
-    coordinate: tuple[int, ...]
-
-
-@dataclass
 class SaveInfo:
     """What :class:`UCPSavePlanner` records beyond DCP's chunks, as JSON-ready data.
 
     Attributes:
-        meshes: distinct meshes as ``{"shape": [...], "dim_names": [...]}``.
-        tensors: FQN -> ``{"mesh": i, "placements": [...], "sources": [[rank, coord], ...]}``
-            where ``sources`` is aligned with the tensor's chunks in the DCP metadata.
+        meshes: distinct meshes as ``{"shape": [...], "dim_names": [...], "coordinates":
+            {rank: coordinate}}``.
+        tensors: FQN -> ``{"mesh": i, "placements": [...], "ranks": [rank, ...]}`` where
+            ``ranks`` (the writer of each fragment) is aligned with the tensor's chunks in the
+            DCP metadata; a tensor whose writers' coordinates are not their mesh's
+            ``coordinates`` also has ``"coordinates": [coordinate, ...]``.
         patterns: layout rules recorded at save time.
     """
 
@@ -45,6 +38,19 @@ class SaveInfo:
             {"meshes": self.meshes, "tensors": self.tensors, "patterns": self.patterns},
             separators=(",", ":"),
         )
+
+    def sources(self, fqn: str, count: int) -> list[tuple[int | None, tuple[int, ...] | None]]:
+        """``(rank, mesh coordinate)`` of the writer of each of ``fqn``'s ``count`` chunks."""
+        entry = self.tensors.get(fqn, {})
+        ranks = entry.get("ranks")
+        if ranks is None:
+            return [(None, None)] * count
+        coords = entry.get("coordinates")
+        if coords is None and entry.get("mesh") is not None:
+            table = self.meshes[entry["mesh"]].get("coordinates", {})
+            coords = [table.get(str(r)) for r in ranks]
+        coords = coords or [None] * len(ranks)
+        return [(r, tuple(c) if c is not None else None) for r, c in zip(ranks, coords)]
 
     @classmethod
     def from_planner_data(cls, planner_data: Any) -> SaveInfo | None:

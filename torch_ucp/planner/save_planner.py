@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -11,13 +12,11 @@ import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
-    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageMeta,
     TensorProperties,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
     SavePlan,
@@ -33,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from torch_ucp.metadata.codec import placement_to_json
 from torch_ucp.patterns.engine import PatternError, PatternSet, dim_map_for, logical_shape, map_box
+from torch_ucp.planner.global_plan import GlobalPlan, StateDictMetadata, plan_globally
 from torch_ucp.planner.layout import (
     Box,
     dtensor_boxes,
@@ -40,6 +40,13 @@ from torch_ucp.planner.layout import (
     mesh_info,
     placement_info,
     whole_box,
+)
+from torch_ucp.planner.plan_table import (
+    BYTES,
+    LocalPlanTable,
+    LocalTableBuilder,
+    RankLocalItems,
+    WriterAssignment,
 )
 from torch_ucp.planner.provenance import UCP_KEY, SaveInfo
 
@@ -138,7 +145,8 @@ class UCPSavePlanner(DefaultSavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         items: list[WriteItem] = []
-        layouts: dict[str, dict[str, Any]] = {}
+        table = LocalTableBuilder()
+        layout_of: dict[str, int] = {}
         names = {fqn: self.patterns.rename(fqn) for fqn in self.state_dict}
         if len(set(names.values())) != len(names):
             clash = sorted(fqn for fqn in names if list(names.values()).count(names[fqn]) > 1)
@@ -153,36 +161,50 @@ class UCPSavePlanner(DefaultSavePlanner):
             elif isinstance(obj, DTensor):
                 items.extend(self._tensor_items(fqn, name, obj))
                 mesh = mesh_info(obj)
-                layouts[name] = {
-                    "mesh": {"shape": list(mesh.shape), "dim_names": mesh.dim_names},
-                    "placements": [placement_to_json(placement_info(p)) for p in obj.placements],
-                    "coordinate": obj.device_mesh.get_coordinate(),
-                }
+                layout_of[name] = table.add_layout(
+                    {"shape": list(mesh.shape), "dim_names": mesh.dim_names},
+                    [placement_to_json(placement_info(p)) for p in obj.placements],
+                    obj.device_mesh.get_coordinate(),
+                )
             elif isinstance(obj, torch.Tensor) or hasattr(obj, "__create_write_items__"):
                 items.extend(_create_write_items(fqn, obj))  # ShardedTensor and friends
             else:
                 items.append(_create_write_item_for_bytesio(name, obj))
         self.patterns.check_used("the state dict being saved")
-        mappings = {names.get(k, k): v for k, v in self.mappings.items()}
-        self.plan = SavePlan(items, planner_data={"mappings": mappings, "layouts": layouts})
+        paths = {names.get(k, k): v for k, v in self.mappings.items()}
+        self.plan = SavePlan(
+            RankLocalItems(items), planner_data=table.build(items, layout_of, paths)
+        )
         return self.plan
 
     # -- global planning (coordinator) ------------------------------------------------------
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        writer_of = _assign_writers(all_plans)
-        new_plans = [
-            dataclasses.replace(
-                plan,
-                items=[item for item in plan.items if writer_of[item.index] == rank],
-                planner_data=None,
-            )
-            for rank, plan in enumerate(all_plans)
+        tables = [
+            plan.planner_data
+            if isinstance(plan.planner_data, LocalPlanTable)
+            else LocalTableBuilder().build(plan.items, {}, {})  # a plan from another planner
+            for plan in all_plans
         ]
-        metadata = _build_metadata(all_plans, writer_of, self.patterns.to_json())
+        planned = plan_globally(tables)
+        new_plans = [
+            dataclasses.replace(plan, items=[], planner_data=assignment)
+            for plan, assignment in zip(all_plans, planned.assignments)
+        ]
+        planner_data: dict[str, Any] = {
+            k.name: tuple(k.path) for k in planned.fragments.keys if k.path is not None
+        }
+        planner_data[UCP_KEY] = provenance(planned, tables, self.patterns.to_json()).to_json()
+        metadata = Metadata(
+            state_dict_metadata=StateDictMetadata(planned.fragments), planner_data=planner_data
+        )
         self.global_plan, self.metadata = new_plans, metadata
         return new_plans, metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        """This rank's final plan: the local items the coordinator assigned to it."""
+        if isinstance(new_plan.planner_data, WriterAssignment):
+            items = new_plan.planner_data.select(self.plan.items)
+            new_plan = dataclasses.replace(new_plan, items=items, planner_data=None)
         self.plan = new_plan
         return new_plan
 
@@ -203,102 +225,44 @@ class UCPSavePlanner(DefaultSavePlanner):
         return self.state_dict[self._local_of.get(name, name)]
 
 
-def _assign_writers(all_plans: list[SavePlan]) -> dict[MetadataIndex, int]:
-    """Pick one writer per unique item: sole holders keep theirs; replicated items go, largest
-    first, to the holder with the fewest bytes assigned so far. Linear in the number of items
-    plus ``n log n`` in the replicated ones."""
-    holders: dict[MetadataIndex, list[int]] = {}
-    size: dict[MetadataIndex, int] = {}
-    for rank, plan in enumerate(all_plans):
-        for item in plan.items:
-            ranks = holders.get(item.index)
-            if ranks is None:
-                holders[item.index] = [rank]
-                size[item.index] = write_item_nbytes(item)
-            else:
-                ranks.append(rank)
-    load = [0] * len(all_plans)
-    writer_of: dict[MetadataIndex, int] = {}
-    shared = []
-    for index, ranks in holders.items():
-        if len(ranks) == 1:
-            writer_of[index] = ranks[0]
-            load[ranks[0]] += size[index]
-        else:
-            shared.append(index)
-    shared.sort(key=lambda i: -size[i])
-    for index in shared:
-        rank = min(holders[index], key=lambda r: load[r])
-        writer_of[index] = rank
-        load[rank] += size[index]
-    return writer_of
-
-
-def _build_metadata(
-    all_plans: list[SavePlan], writer_of: dict[MetadataIndex, int], patterns: list[Any]
-) -> Metadata:
-    state_dict_metadata: dict[str, Any] = {}
-    first_item: dict[str, tuple[int, WriteItem]] = {}
-    chunks: dict[str, dict[tuple[int, ...], tuple[ChunkStorageMetadata, int]]] = {}
-    mappings: dict[str, Any] = {}
+def provenance(planned: GlobalPlan, tables: Sequence[LocalPlanTable], patterns: list[Any]) -> SaveInfo:
+    """Meshes, placements and the writer of every fragment, as :class:`SaveInfo`."""
     info = SaveInfo(patterns=list(patterns))
     mesh_ids: dict[str, int] = {}
-    coordinates: dict[tuple[str, int], list[int]] = {}
-
-    for rank, plan in enumerate(all_plans):
-        pdata = plan.planner_data or {}
-        mappings.update(pdata.get("mappings", {}) if isinstance(pdata, dict) else {})
-        for fqn, layout in (pdata.get("layouts", {}) if isinstance(pdata, dict) else {}).items():
-            coordinates[(fqn, rank)] = layout["coordinate"]
-            if fqn not in info.tensors:
-                key = repr(layout["mesh"])
-                if key not in mesh_ids:
-                    mesh_ids[key] = len(info.meshes)
-                    info.meshes.append(layout["mesh"])
-                info.tensors[fqn] = {"mesh": mesh_ids[key], "placements": layout["placements"]}
-        for item in plan.items:
-            fqn = item.index.fqn
-            if item.type == WriteItemType.BYTE_IO:
-                state_dict_metadata[fqn] = BytesStorageMetadata()
-                continue
-            td = item.tensor_data
-            seen = first_item.get(fqn)
-            if seen is None:
-                first_item[fqn] = (rank, item)
-                chunks[fqn] = {}
-            else:
-                other_rank, other = seen
-                o = other.tensor_data
-                if o.size != td.size or o.properties.dtype != td.properties.dtype:
-                    raise ValueError(
-                        f"{fqn}: ranks disagree on the tensor: rank {other_rank} has global shape "
-                        f"{tuple(o.size)} dtype {o.properties.dtype}, rank {rank} has "
-                        f"{tuple(td.size)} dtype {td.properties.dtype}"
-                    )
-            key = tuple(td.chunk.offsets)
-            if key not in chunks[fqn]:
-                chunks[fqn][key] = (td.chunk, writer_of[item.index])
-
-    for fqn, (_, item) in first_item.items():
-        td = item.tensor_data
-        ordered = sorted(chunks[fqn].items())
-        covered = sum(math.prod(c.sizes) for _, (c, _) in ordered)
-        if covered != math.prod(td.size) and math.prod(td.size) != 0:
-            raise ValueError(
-                f"{fqn}: fragments cover {covered} of {math.prod(td.size)} elements of a tensor "
-                f"of shape {tuple(td.size)}; the sharding cannot be described exactly"
-            )
-        state_dict_metadata[fqn] = TensorStorageMetadata(
-            properties=td.properties,
-            size=td.size,
-            chunks=[c for _, (c, _) in ordered],
-        )
-        if fqn in info.tensors:
-            info.tensors[fqn]["sources"] = [
-                [rank, coordinates.get((fqn, rank))] for _, (_, rank) in ordered
+    ambiguous: set[int] = set()
+    layout_mesh: dict[int, list[int]] = {}  # per distinct catalog: layout -> mesh id
+    for rank, (catalog, table) in enumerate(zip(planned.catalogs, tables)):
+        ids = layout_mesh.get(id(catalog))
+        if ids is None:
+            ids = layout_mesh[id(catalog)] = [
+                _mesh_id(info, mesh_ids, mesh) for mesh, _ in catalog.layouts
             ]
-        else:
-            info.tensors[fqn] = {"sources": [[rank, None] for _, (_, rank) in ordered]}
-    planner_data = dict(mappings)
-    planner_data[UCP_KEY] = info.to_json()
-    return Metadata(state_dict_metadata=state_dict_metadata, planner_data=planner_data)
+        for mesh_id, coordinate in zip(ids, table.coordinates):
+            table_of_mesh = info.meshes[mesh_id]["coordinates"]
+            if table_of_mesh.setdefault(str(rank), coordinate) != coordinate:
+                ambiguous.add(mesh_id)  # the rank sits at two places of same-shaped meshes
+    fragments = planned.fragments
+    for k, key in enumerate(fragments.keys):
+        if key.kind == BYTES:
+            continue
+        writers = fragments.writer[fragments.rows(k)].tolist()
+        if key.layout is None:
+            info.tensors[key.name] = {"ranks": writers}
+            continue
+        mesh, placements = key.layout
+        entry = {"mesh": _mesh_id(info, mesh_ids, mesh), "placements": placements, "ranks": writers}
+        if entry["mesh"] in ambiguous:
+            entry["coordinates"] = [
+                tables[w].coordinates[planned.catalogs[w].layout_of(k)] for w in writers
+            ]
+        info.tensors[key.name] = entry
+    return info
+
+
+def _mesh_id(info: SaveInfo, mesh_ids: dict[str, int], mesh: dict[str, Any]) -> int:
+    token = json.dumps(mesh, sort_keys=True)
+    found = mesh_ids.get(token)
+    if found is None:
+        found = mesh_ids[token] = len(info.meshes)
+        info.meshes.append({**mesh, "coordinates": {}})
+    return found

@@ -177,7 +177,7 @@ class CheckpointBuilder:
             self._info.tensors[fqn] = {
                 "mesh": index,
                 "placements": [placement_to_json(p) for p in placements],
-                "sources": [[0, None]],
+                "ranks": [0],
             }
         return stored
 

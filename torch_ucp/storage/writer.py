@@ -301,9 +301,8 @@ def build_checkpoint_metadata(
             continue
         assert isinstance(md, TensorStorageMetadata)
         tinfo = info.tensors.get(fqn, {})
-        sources = tinfo.get("sources") or [[None, None]] * len(md.chunks)
         fragments = []
-        for chunk, (_, coordinate) in zip(md.chunks, sources):
+        for chunk, (_, coordinate) in zip(md.chunks, info.sources(fqn, len(md.chunks))):
             s = stored.get(MetadataIndex(fqn, chunk.offsets))
             if s is None:
                 raise CheckpointError(
@@ -315,7 +314,7 @@ def build_checkpoint_metadata(
                     lengths=tuple(chunk.sizes),
                     data=s.data,
                     rank=s.rank,
-                    coordinate=tuple(coordinate) if coordinate is not None else None,
+                    coordinate=coordinate,
                 )
             )
         placements = tinfo.get("placements")

@@ -1,0 +1,174 @@
+"""What a rank tells the coordinator about its write items: a columnar summary, not the items.
+
+Stock DCP gathers every rank's ``SavePlan`` with its full list of ``WriteItem`` objects; at
+8,192 ranks of a 70B model that is ~24M pickled objects on one process. torch_ucp keeps the items
+on their rank (:class:`RankLocalItems` pickles as an empty list) and sends a
+:class:`LocalPlanTable` instead:
+
+- ``catalog``: one zlib-compressed JSON document naming every key of the local plan with its
+  kind, dtype, global shape, DTensor layout and flatten path. It is the same on every rank of a
+  regular layout, so the coordinator parses it once per distinct ``digest``;
+- per item, numbers in numpy arrays: catalog index, box offsets and lengths, bytes;
+- per layout, this rank's mesh coordinate.
+
+The coordinator answers with a :class:`WriterAssignment`: one flag per local item, "you write it".
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+from torch_ucp.metadata.dtypes import dtype_to_name
+
+TENSOR = "t"
+BYTES = "b"
+
+
+class RankLocalItems(list):
+    """A local plan's write items. They stay on their rank: pickled (to the coordinator), this
+    list is empty, since the coordinator plans from the :class:`LocalPlanTable` alone. Copies
+    inside the process keep the items."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, ())
+
+    def __copy__(self) -> RankLocalItems:
+        return RankLocalItems(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RankLocalItems:
+        return RankLocalItems(copy.deepcopy(list(self), memo))
+
+
+@dataclass
+class LocalPlanTable:
+    """A rank's write items as columns (see the module docstring).
+
+    Attributes:
+        catalog: zlib-compressed JSON ``{"keys": [[name, kind, dtype, shape, layout, path], ...],
+            "layouts": [[mesh, placements], ...]}``; ``layout`` indexes ``layouts`` or is -1.
+        digest: hash of ``catalog``.
+        coordinates: this rank's mesh coordinate per layout.
+        key: per item, the index of its key in the catalog.
+        offsets / lengths: per item, its box in the logical tensor (padded with 0 / 1).
+        nbytes: per item, its size in bytes.
+    """
+
+    catalog: bytes
+    digest: str
+    coordinates: list[list[int] | None]
+    key: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    nbytes: np.ndarray
+
+    def parse_catalog(self) -> dict[str, Any]:
+        return json.loads(zlib.decompress(self.catalog))
+
+    @property
+    def ndim(self) -> int:
+        return self.offsets.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+
+@dataclass
+class LocalTableBuilder:
+    """Accumulates a rank's catalog while its planner creates write items."""
+
+    keys: list[list[Any]] = field(default_factory=list)
+    layouts: list[list[Any]] = field(default_factory=list)
+    coordinates: list[list[int] | None] = field(default_factory=list)
+    _key_index: dict[str, int] = field(default_factory=dict)
+    _layout_index: dict[str, int] = field(default_factory=dict)
+
+    def add_layout(self, mesh: dict[str, Any], placements: list[dict[str, Any]], coordinate: Any) -> int:
+        token = json.dumps([mesh, placements, coordinate], separators=(",", ":"))
+        index = self._layout_index.get(token)
+        if index is None:
+            index = self._layout_index[token] = len(self.layouts)
+            self.layouts.append([mesh, placements])
+            self.coordinates.append(list(coordinate) if coordinate is not None else None)
+        return index
+
+    def build(
+        self,
+        items: Sequence[WriteItem],
+        layout_of: dict[str, int],
+        paths: dict[str, Sequence[Any]],
+    ) -> LocalPlanTable:
+        """The table of ``items``; ``layout_of`` maps a key to its layout, ``paths`` to its
+        flatten path."""
+        n = len(items)
+        ndim = max((len(i.tensor_data.size) for i in items if i.tensor_data is not None), default=0)
+        key = np.empty(n, dtype=np.int32)
+        offsets = np.zeros((n, ndim), dtype=np.int64)
+        lengths = np.ones((n, ndim), dtype=np.int64)
+        nbytes = np.empty(n, dtype=np.int64)
+        for i, item in enumerate(items):
+            name = item.index.fqn
+            k = self._key_index.get(name)
+            if k is None:
+                k = self._key_index[name] = len(self.keys)
+                self.keys.append(_catalog_entry(item, layout_of.get(name, -1), paths.get(name)))
+            key[i] = k
+            td = item.tensor_data
+            if td is None:
+                nbytes[i] = item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
+                continue
+            d = len(td.chunk.offsets)
+            offsets[i, :d] = td.chunk.offsets
+            lengths[i, :d] = td.chunk.sizes
+            nbytes[i] = math.prod(td.chunk.sizes) * torch._utils._element_size(td.properties.dtype)
+        catalog = json.dumps({"keys": self.keys, "layouts": self.layouts}, separators=(",", ":"))
+        return LocalPlanTable(
+            catalog=zlib.compress(catalog.encode(), 1),
+            digest=hashlib.blake2b(catalog.encode(), digest_size=16).hexdigest(),
+            coordinates=self.coordinates,
+            key=key,
+            offsets=offsets,
+            lengths=lengths,
+            nbytes=nbytes,
+        )
+
+
+@dataclass(frozen=True)
+class WriterAssignment:
+    """The coordinator's answer in ``SavePlan.planner_data``: which local items this rank
+    writes (replicated items are written by one holder only)."""
+
+    keep: np.ndarray  # bool per local item, in local plan order
+
+    def select(self, items: Sequence[WriteItem]) -> list[WriteItem]:
+        if len(items) != len(self.keep):
+            raise RuntimeError(
+                f"the global plan assigns {len(self.keep)} items but this rank planned "
+                f"{len(items)}; was the planner reused across saves?"
+            )
+        return [item for item, keep in zip(items, self.keep.tolist()) if keep]
+
+
+def _catalog_entry(item: WriteItem, layout: int, path: Sequence[Any] | None) -> list[Any]:
+    path_json = list(path) if path is not None else None
+    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+        return [item.index.fqn, BYTES, None, None, -1, path_json]
+    td = item.tensor_data
+    return [
+        item.index.fqn,
+        TENSOR,
+        dtype_to_name(td.properties.dtype),
+        list(td.size),
+        layout,
+        path_json,
+    ]
