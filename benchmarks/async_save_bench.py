@@ -46,6 +46,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,16 +100,17 @@ def _malloc_trim() -> None:
 
 
 class PeakRSS:
-    """Samples this process's RSS every ``interval`` seconds in a thread."""
+    """Samples this process's RSS (or another ``read()``, bytes) every ``interval`` seconds in a
+    thread."""
 
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval, self.peak = interval, _rss()
+    def __init__(self, interval: float = 0.002, read: Callable[[], int] = _rss) -> None:
+        self.interval, self.read, self.peak = interval, read, read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, self.read())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
@@ -118,7 +120,7 @@ class PeakRSS:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, self.read())
 
 
 def _local_state_bytes(model: torch.nn.Module, optim: torch.optim.Optimizer) -> int:

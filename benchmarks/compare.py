@@ -1,15 +1,34 @@
 """torch_ucp against stock DCP on the same generated sharded state, in one run.
 
     python benchmarks/compare.py [--size-gib 1.0] [--world-size 2] [--dir /tmp/ucp-bench]
+                                 [--s3-size-gib 0.25]
 
-Prints one table: save and same-layout load on local disk (torch_ucp vs FileSystemWriter /
-FileSystemReader with DCP's defaults and with 4 threads), and a resharded load (saved Shard(0)
-over 4 ranks, loaded Shard(1) over 2 ranks) with bytes read per bytes needed. Every save is
-durable when it returns (both systems fsync). The page cache is dropped before every load (as
-root). For the resharded load it reports bytes *requested* per byte needed (stock: ``rchar``
-of its read calls; torch_ucp: its reader's own count, since memory-mapped copies bypass read
-calls) and bytes fetched *from disk* (``read_bytes``, both systems; on one host the page cache
-serves a chunk file read by two ranks once). Loads are verified bit-exact.
+Prints the machine, then one table:
+
+* the disk's ceiling: sequential write (fsynced) and read of a file of the state's size (at
+  most 1 GiB) in ``--dir``, 16 MiB blocks with ``O_DIRECT`` from one thread, like
+  ``dd bs=16M oflag=direct`` (buffered where ``O_DIRECT`` is refused, said in the notes);
+* save and same-layout load on local disk (torch_ucp vs FileSystemWriter / FileSystemReader
+  with DCP's defaults and with 4 threads);
+* two resharded loads, with bytes read per bytes needed: saved Shard(0) over 4 ranks, loaded
+  Shard(1) over 2 ranks; and saved as FSDP2 over tensor parallelism on a (dp=2, tp=2) mesh,
+  loaded as FSDP (Shard(0)) over 2 ranks;
+* asynchronous save (``torch_ucp.async_save`` vs ``dcp.async_save``): how long the caller is
+  blocked, against the synchronous save of the same system;
+* save and load through S3 (a local moto server; ``--s3-size-gib 0`` skips them).
+
+Every save is durable when it returns (both systems fsync). The page cache is dropped before
+every load (as root). For the resharded loads it reports bytes *requested* per byte needed
+(stock: ``rchar`` of its read calls; torch_ucp: its reader's own count, since memory-mapped
+copies bypass read calls) and bytes fetched *from disk* (``read_bytes``, both systems; on one
+host the page cache serves a chunk file read by two ranks once). Loads are verified bit-exact.
+
+``peak RSS MiB``: the largest resident-memory increase of a rank during the operation over its
+RSS before it (kernel high-water mark ``VmHWM``, reset before the operation), worst rank. It
+counts every resident page, including pages of files a rank maps into memory (page cache the
+kernel can reclaim; ``read()`` calls fill the page cache too but do not count): where those are
+16 MiB or more, the notes say how much. For asynchronous saves it covers both saves, from the
+call to the committed checkpoint (staging memory counts).
 """
 
 from __future__ import annotations
@@ -20,20 +39,47 @@ import shutil
 import sys
 import time
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from async_save_bench import _Saving  # noqa: E402
+from support_measure import PeakRSSIncrease, disk_bandwidth, drop_caches, machine_summary  # noqa: E402
+
 from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter  # noqa: E402
+from torch_ucp.async_save import AsyncSaver  # noqa: E402
 from torch_ucp.demo.launch import run_distributed  # noqa: E402
 
 COLS = 4096
+FSDP2_TP = "fsdp2+tp"  # the (dp=2, tp=2) layout; see _placements
+DISK_THREADS = 1  # matches `dd bs=16M oflag=direct` here (2 threads: the same within noise)
+MAPPED_NOTE_BYTES = 16 << 20  # notes say how much of a peak RSS is mapped file pages above this
+
+
+class Memory(NamedTuple):
+    """Peak RSS increase of an operation and the part of it that is memory-mapped file pages,
+    bytes, worst rank of each."""
+
+    rss: int
+    mapped: int
+
+
+class Row(NamedTuple):
+    op: str
+    system: str
+    seconds: float
+    gbps: float | None
+    ratio: float | None  # stock DCP's time over this row's, same operation
+    memory: Memory | None
+    note: str = ""
 
 
 def _rchar() -> int:
@@ -67,17 +113,32 @@ def _full(name: str, shape: tuple[int, int]) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
-def _state(size_bytes: int, placement: Any, fill: bool) -> dict[str, Any]:
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+def _mesh(layout: str) -> DeviceMesh:
+    if layout == FSDP2_TP:
+        return init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
+def _placements(layout: str, index: int) -> list[Placement]:
+    """``shard0`` / ``shard1``: ``Shard(dim)`` on a 1-D mesh. ``fsdp2+tp``: what FSDP2
+    (``fully_shard`` on dp, dim 0) makes of tensor-parallel weights: row-wise ones (even
+    tensors, ``Shard(1)`` on tp) get ``Shard(0)`` on dp; column-wise ones (odd tensors,
+    ``Shard(0)`` on tp) get ``_StridedShard(0, split_factor=2)`` on dp."""
+    if layout == FSDP2_TP:
+        return [Shard(0), Shard(1)] if index % 2 == 0 else [_StridedShard(0, split_factor=2), Shard(0)]
+    return [Shard(int(layout.removeprefix("shard")))]
+
+
+def _state(size_bytes: int, layout: str, fill: bool) -> dict[str, Any]:
+    mesh = _mesh(layout)
     return {
-        name: distribute_tensor(
-            _full(name, shape) if fill else torch.zeros(shape), mesh, [placement], src_data_rank=None
-        )
-        for name, shape in _tensors(size_bytes).items()
+        name: distribute_tensor(_full(name, shape) if fill else torch.zeros(shape), mesh,
+                                _placements(layout, i), src_data_rank=None)
+        for i, (name, shape) in enumerate(_tensors(size_bytes).items())
     }
 
 
-def _timed(fn) -> float:
+def _timed(fn: Callable[[], Any]) -> float:
     dist.barrier()
     t0 = time.perf_counter()
     fn()
@@ -108,47 +169,149 @@ def _reader(system: str, path: str, options: dict[str, Any]):
     return dcp.FileSystemReader(path)
 
 
-def save_rank(system: str, path: str, size_bytes: int, dim: int, options: dict | None = None) -> dict[str, float]:
-    state = _state(size_bytes, Shard(dim), fill=True)
+def _memory_fields(rss: PeakRSSIncrease) -> dict[str, int]:
+    return {"rss": rss.increase, "rss_mapped": rss.mapped_increase}
+
+
+def save_rank(system: str, path: str, size_bytes: int, layout: str,
+              options: dict | None = None) -> dict[str, float]:
+    state = _state(size_bytes, layout, fill=True)
     writer = _writer(system, path, options or {})
     planner = UCPSavePlanner() if system == "ucp" else None
-    seconds = _timed(lambda: dcp.save(state, storage_writer=writer, planner=planner))
-    return {"seconds": seconds}
+    with PeakRSSIncrease() as rss:
+        seconds = _timed(lambda: dcp.save(state, storage_writer=writer, planner=planner))
+    return {"seconds": seconds, **_memory_fields(rss)}
 
 
-def load_rank(system: str, path: str, size_bytes: int, dim: int, options: dict | None = None) -> dict[str, Any]:
-    state = _state(size_bytes, Shard(dim), fill=False)
+def load_rank(system: str, path: str, size_bytes: int, layout: str,
+              options: dict | None = None) -> dict[str, Any]:
+    state = _state(size_bytes, layout, fill=False)
     before, before_calls = _bytes_read(), _rchar()
     reader = _reader(system, path, options or {})
     planner = UCPLoadPlanner() if system == "ucp" else None
-    seconds = _timed(lambda: dcp.load(state, storage_reader=reader, planner=planner))
+    with PeakRSSIncrease() as rss:
+        seconds = _timed(lambda: dcp.load(state, storage_reader=reader, planner=planner))
     read = _bytes_read() - before
     # requested: torch_ucp counts its range reads itself (memory-mapped copies bypass rchar)
     requested = reader.stats.bytes_read if system == "ucp" else _rchar() - before_calls
     needed = sum(t.to_local().numel() * 4 for t in state.values())
     ok = all(torch.equal(t.full_tensor(), _full(n, tuple(t.shape))) for n, t in state.items())
-    return {"seconds": seconds, "read": read, "requested": requested, "needed": needed, "ok": ok}
+    return {"seconds": seconds, **_memory_fields(rss), "read": read, "requested": requested,
+            "needed": needed, "ok": ok}
 
 
-def drop_caches() -> bool:
-    """Evict the page cache (needs root) so every load reads from the disk, as after a restart.
-
-    Without it stock DCP's loads would read its just-written files from memory while torch_ucp's
-    writer evicts what it wrote (to keep large saves from filling the page cache)."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+def async_save_rank(system: str, base: str, size_bytes: int) -> dict[str, float]:
+    """Two asynchronous saves of the same Shard(0) state, each waited for before the next: the
+    caller's blocked time of the first (torch_ucp allocates its staging pool and checkpoint
+    process group then) and of the second; peak RSS over both, up to the committed checkpoint."""
+    state = _state(size_bytes, "shard0", fill=True)
+    group = dist.new_group(backend="gloo") if system == "dcp" else None
+    saver = AsyncSaver()
+    saving = _Saving("async ucp" if system == "ucp" else "async stock", saver, None, group)
+    blocked = []
+    with PeakRSSIncrease() as rss:
+        for i in range(2):
+            dist.barrier()
+            t0 = time.perf_counter()
+            done, _ = saving.start(state, os.path.join(base, f"save-{i}"))
+            blocked.append(time.perf_counter() - t0)
+            done.result()
+    saver.close()
+    return {"blocked_first": blocked[0], "blocked": blocked[1], **_memory_fields(rss)}
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-def _s3_rows(size: int, ws: int) -> list[tuple[str, str, float, float, str]]:
+def _worst(results: list[dict[str, Any]], key: str) -> Any:
+    return max(r[key] for r in results)
+
+
+def _memory(results: list[dict[str, Any]]) -> Memory:
+    return Memory(_worst(results, "rss"), _worst(results, "rss_mapped"))
+
+
+def _label(system: str) -> str:
+    return "torch_ucp" if system == "ucp" else system
+
+
+def _disk_rows(directory: str, total: int) -> list[Row]:
+    disk = disk_bandwidth(directory, min(total, 1 << 30), threads=DISK_THREADS)
+    write_note, read_note = disk.notes()
+    return [
+        Row("disk seq write (O_DIRECT)", "disk", disk.write_seconds, disk.write_gbps, None, None, write_note),
+        Row("disk seq read (O_DIRECT)", "disk", disk.read_seconds, disk.read_gbps, None, None, read_note),
+    ]
+
+
+def _save_rows(path: Callable[[str], str], size: int, total: int, ws: int,
+               disk_write_gbps: float) -> tuple[list[Row], dict[str, float]]:
+    """Save rows, and each system's save seconds (kept for the async rows)."""
+    res = {system: run_distributed(save_rank, ws, system, path(f"same-{system}"), size, "shard0")
+           for system in ("dcp", "dcp-4t", "ucp")}
+    secs = {system: _worst(r, "seconds") for system, r in res.items()}
+    rows = [Row("save", system, secs[system], _gbps(total, secs[system]), 1.0, _memory(res[system]))
+            for system in ("dcp", "dcp-4t")]
+    ucp_gbps = _gbps(total, secs["ucp"])
+    rows.append(Row("save", "torch_ucp", secs["ucp"], ucp_gbps, secs["dcp"] / secs["ucp"],
+                    _memory(res["ucp"]),
+                    f"{secs['dcp-4t'] / secs['ucp']:.2f}x vs dcp-4t, "
+                    f"{100 * ucp_gbps / disk_write_gbps:.0f}% of disk write"))
+    return rows, secs
+
+
+def _same_layout_load_rows(path: Callable[[str], str], size: int, total: int, ws: int) -> list[Row]:
+    res = {}
+    for system in ("dcp", "dcp-4t", "ucp"):
+        src = "dcp" if system != "ucp" else "ucp"
+        drop_caches()
+        res[system] = run_distributed(load_rank, ws, system, path(f"same-{src}"), size, "shard0")
+        assert all(r["ok"] for r in res[system]), f"{system}: same-layout load mismatch"
+    secs = {system: _worst(r, "seconds") for system, r in res.items()}
+    return [Row("load same layout", _label(system), secs[system], _gbps(total, secs[system]),
+                secs["dcp"] / secs[system], _memory(res[system]))
+            for system in ("dcp", "dcp-4t", "ucp")]
+
+
+def _reshard_rows(label: str, path: Callable[[str], str], size: int, total: int,
+                  saved: tuple[str, int], loaded: tuple[str, int]) -> list[Row]:
+    """Save with ``saved = (layout, world size)``, load cold with ``loaded``; verified."""
+    res = {}
+    for system in ("dcp", "ucp"):
+        run_distributed(save_rank, saved[1], system, path(f"{saved[0]}-{system}"), size, saved[0])
+    for system in ("dcp", "ucp"):
+        drop_caches()
+        res[system] = run_distributed(load_rank, loaded[1], system, path(f"{saved[0]}-{system}"),
+                                      size, loaded[0])
+        assert all(r["ok"] for r in res[system]), f"{system}: {label} mismatch"
+    rows = []
+    base = _worst(res["dcp"], "seconds")
+    for system in ("dcp", "ucp"):
+        r = res[system]
+        s, needed = _worst(r, "seconds"), sum(x["needed"] for x in r)
+        requested, read = sum(x["requested"] for x in r), sum(x["read"] for x in r)
+        rows.append(Row(label, _label(system), s, _gbps(total, s), base / s, _memory(r),
+                        f"requested/needed {requested / needed:.2f}, from disk {read / needed:.2f}"))
+    return rows
+
+
+def _async_rows(path: Callable[[str], str], size: int, ws: int, sync_s: dict[str, float]) -> list[Row]:
+    """Blocked seconds of the second of two async saves (steady state), against the sync save."""
+    res = {system: run_distributed(async_save_rank, ws, system, path(f"async-{system}"), size)
+           for system in ("dcp", "ucp")}
+    base = _worst(res["dcp"], "blocked")
+    rows = []
+    for system in ("dcp", "ucp"):
+        blocked, sync = _worst(res[system], "blocked"), sync_s[system]
+        rows.append(Row("async save (caller blocked)", _label(system), blocked, None, base / blocked,
+                        _memory(res[system]),
+                        f"{100 * blocked / sync:.0f}% of its sync save ({sync:.2f} s); "
+                        f"1st call {_worst(res[system], 'blocked_first'):.2f} s"))
+    return rows
+
+
+def _s3_rows(size: int, ws: int) -> list[Row]:
     from tests.support.fault_proxy import RETRY_STORAGE_OPTIONS
     from tests.support.s3 import S3Server
 
@@ -158,20 +321,41 @@ def _s3_rows(size: int, ws: int) -> list[tuple[str, str, float, float, str]]:
         bucket = server.create_bucket()
         options = server.storage_options(**RETRY_STORAGE_OPTIONS)
         print(f"S3 (moto server on 127.0.0.1): {total / 2**30:.2f} GiB over {ws} ranks", flush=True)
-        secs: dict[str, dict[str, float]] = {"save": {}, "load": {}}
+        res: dict[str, dict[str, list[dict[str, Any]]]] = {"save": {}, "load": {}}
         for system in ("fsspec", "ucp"):
             url = f"s3://{bucket}/{system}"
-            res = run_distributed(save_rank, ws, system, url, size, 0, options)
-            secs["save"][system] = max(r["seconds"] for r in res)
-            res = run_distributed(load_rank, ws, system, url, size, 0, options)
-            assert all(r["ok"] for r in res), f"{system}: S3 load mismatch"
-            secs["load"][system] = max(r["seconds"] for r in res)
+            res["save"][system] = run_distributed(save_rank, ws, system, url, size, "shard0", options)
+            res["load"][system] = run_distributed(load_rank, ws, system, url, size, "shard0", options)
+            assert all(r["ok"] for r in res["load"][system]), f"{system}: S3 load mismatch"
         for op in ("save", "load"):
-            base = secs[op]["fsspec"]
-            rows.append((f"S3 {op}", "fsspec", _gbps(total, base), 1.0, "FsspecWriter/Reader"))
-            rows.append((f"S3 {op}", "torch_ucp", _gbps(total, secs[op]["ucp"]), base / secs[op]["ucp"],
-                         "vs FsspecWriter/Reader"))
+            base, ucp = _worst(res[op]["fsspec"], "seconds"), _worst(res[op]["ucp"], "seconds")
+            rows.append(Row(f"S3 {op}", "fsspec", base, _gbps(total, base), 1.0,
+                            _memory(res[op]["fsspec"]), "FsspecWriter/Reader"))
+            rows.append(Row(f"S3 {op}", "torch_ucp", ucp, _gbps(total, ucp), base / ucp,
+                            _memory(res[op]["ucp"]), "vs FsspecWriter/Reader"))
     return rows
+
+
+def _notes(row: Row) -> str:
+    """The row's note, plus the memory-mapped part of its peak RSS where that is sizeable."""
+    notes = [row.note] if row.note else []
+    if row.memory is not None and row.memory.mapped >= MAPPED_NOTE_BYTES:
+        notes.append(f"RSS: {row.memory.mapped / 2**20:.0f} MiB of it mapped file pages")
+    return "; ".join(notes)
+
+
+def format_table(rows: list[Row]) -> str:
+    def cell(v: float | None, fmt: str, width: int) -> str:
+        return (format(v, fmt) if v is not None else "-").rjust(width)
+
+    header = f"{'operation':<34}{'system':<11}{'s':>7}{'GB/s':>7}{'vs dcp':>8}{'peak RSS MiB':>14}  notes"
+    lines = [header, "-" * 120]
+    for r in rows:
+        rss = r.memory.rss / 2**20 if r.memory is not None else None
+        lines.append(f"{r.op:<34}{r.system:<11}{cell(r.seconds, '.2f', 7)}{cell(r.gbps, '.2f', 7)}"
+                     f"{cell(r.ratio, '.2f', 7)}{'x' if r.ratio is not None else ' '}"
+                     f"{cell(rss, '.0f', 14)}  {_notes(r)}")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -187,60 +371,26 @@ def main() -> int:
     ws = args.world_size
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
-    rows: list[tuple[str, str, float, float, str]] = []
 
     def path(name: str) -> str:
         return os.path.join(args.dir, name)
 
+    print(machine_summary(args.dir))
     print(f"state: {total / 2**30:.2f} GiB float32 over {ws} ranks, dir {args.dir}", flush=True)
-    save_s = {}
-    for system in ("dcp", "dcp-4t", "ucp"):
-        res = run_distributed(save_rank, ws, system, path(f"same-{system}"), size, 0)
-        save_s[system] = max(r["seconds"] for r in res)
-    for system in ("dcp", "dcp-4t"):
-        rows.append(("save", system, _gbps(total, save_s[system]), 1.0, ""))
-    rows.append(("save", "torch_ucp", _gbps(total, save_s["ucp"]),
-                 save_s["dcp"] / save_s["ucp"], f"{save_s['dcp-4t'] / save_s['ucp']:.2f}x vs dcp-4t"))
-
-    load_s = {}
-    for system in ("dcp", "dcp-4t", "ucp"):
-        src = "dcp" if system != "ucp" else "ucp"
-        cold = drop_caches()
-        res = run_distributed(load_rank, ws, system, path(f"same-{src}"), size, 0)
-        assert all(r["ok"] for r in res), f"{system}: same-layout load mismatch"
-        load_s[system] = max(r["seconds"] for r in res)
-    for system in ("dcp", "dcp-4t"):
-        rows.append(("load same layout", system, _gbps(total, load_s[system]), 1.0, ""))
-    rows.append(("load same layout", "torch_ucp", _gbps(total, load_s["ucp"]),
-                 load_s["dcp"] / load_s["ucp"], ""))
-
-    for system in ("dcp", "ucp"):
-        run_distributed(save_rank, 4, system, path(f"reshard-{system}"), size, 0)
-    reshard = {}
-    for system in ("dcp", "ucp"):
-        drop_caches()
-        res = run_distributed(load_rank, 2, system, path(f"reshard-{system}"), size, 1)
-        assert all(r["ok"] for r in res), f"{system}: resharded load mismatch"
-        reshard[system] = (
-            max(r["seconds"] for r in res),
-            sum(r["requested"] for r in res),
-            sum(r["read"] for r in res),
-            sum(r["needed"] for r in res),
-        )
-    for system, label in (("dcp", "dcp"), ("ucp", "torch_ucp")):
-        s, requested, read, needed = reshard[system]
-        rows.append(("load Shard(0)x4 -> Shard(1)x2", label, _gbps(total, s), reshard["dcp"][0] / s,
-                     f"requested/needed {requested / needed:.2f}, from disk {read / needed:.2f}"))
-
+    cold = drop_caches()
+    rows = _disk_rows(args.dir, total)
+    save_rows, save_s = _save_rows(path, size, total, ws, rows[0].gbps)
+    rows += save_rows
+    rows += _same_layout_load_rows(path, size, total, ws)
+    rows += _reshard_rows("load Shard(0)x4 -> Shard(1)x2", path, size, total, ("shard0", 4), ("shard1", 2))
+    rows += _reshard_rows("load FSDP2+TP 2x2 -> FSDP x2", path, size, total, (FSDP2_TP, 4), ("shard0", 2))
+    rows += _async_rows(path, size, ws, save_s)
     if args.s3_size_gib > 0:
-        rows.extend(_s3_rows(int(args.s3_size_gib * 2**30), ws))
+        rows += _s3_rows(int(args.s3_size_gib * 2**30), ws)
 
     print()
     print("loads read from " + ("disk (page cache dropped before each)" if cold else "a warm page cache"))
-    print(f"{'operation':<32} {'system':<10} {'GB/s':>7} {'vs dcp':>8}  notes")
-    print("-" * 80)
-    for op, system, gbps, ratio, note in rows:
-        print(f"{op:<32} {system:<10} {gbps:>7.2f} {ratio:>7.2f}x  {note}")
+    print(format_table(rows))
     shutil.rmtree(args.dir, ignore_errors=True)
     return 0
 

@@ -100,8 +100,10 @@ class SyntheticPlans:
         off = np.zeros((self.ranks, len(shape)), dtype=np.int64)
         length = np.zeros_like(off)
         for r in range(self.ranks):
-            (box,) = boxes_for(shape, (self.dp, self.tp), placements, (r // self.tp, r % self.tp))
-            off[r], length[r] = box.global_offsets, box.lengths
+            boxes = boxes_for(shape, (self.dp, self.tp), placements, (r // self.tp, r % self.tp))
+            if boxes:  # else the rank's shard is empty (more ranks than rows): no item
+                (box,) = boxes
+                off[r], length[r] = box.global_offsets, box.lengths
         return off, length
 
     def items(self, rank: int) -> list[WriteItem]:
@@ -143,9 +145,11 @@ class SyntheticPlans:
         tables = []
         for r in range(self.ranks):
             lengths = box_len[kind_of, r]
+            held = (kind_of == 0) | (lengths.prod(axis=1) > 0)
             coords = [[r // self.tp, r % self.tp] for _ in template.coordinates]
-            tables.append(LocalPlanTable(template.catalog, template.digest, coords, template.key,
-                                         box_off[kind_of, r], lengths, lengths.prod(axis=1) * itemsize))
+            tables.append(LocalPlanTable(template.catalog, template.digest, coords, template.key[held],
+                                         box_off[kind_of, r][held], lengths[held],
+                                         (lengths.prod(axis=1) * itemsize)[held]))
         return tables
 
 
@@ -172,8 +176,8 @@ def load_plan_seconds(metadata, ranks: int, tp: int, params) -> float:
                 state[key] = torch.zeros(())
                 continue
             placements = (Shard(0), TP_PLACEMENT[style])
-            (box,) = boxes_for(shape, tuple(mesh.shape), placements, tuple(mesh.get_coordinate()))
-            local = torch.empty(box.lengths, dtype=torch.bfloat16)
+            boxes = boxes_for(shape, tuple(mesh.shape), placements, tuple(mesh.get_coordinate()))
+            local = torch.empty(boxes[0].lengths if boxes else (0, *shape[1:]), dtype=torch.bfloat16)
             state[key] = DTensor.from_local(local, mesh, placements, run_check=False,
                                             shape=torch.Size(shape), stride=_contiguous_stride(shape))
         planner = UCPLoadPlanner()

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter, open_checkpoint
+from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter, knobs, open_checkpoint
+from torch_ucp.storage.checksum import DEFAULT_ALGORITHM, block_checksums
 
 STATE = {f"layer{i}.weight": torch.randn(2048, 2048) for i in range(8)}  # 128 MiB
 
@@ -62,3 +63,16 @@ def test_sliced_read_column_block(benchmark, tmp_path):
 
     out = benchmark.pedantic(read, rounds=3)
     assert torch.equal(out[0], STATE["layer0.weight"][:, :1024])
+
+
+def test_checksum_throughput(benchmark):
+    """Block checksums of a 64 MiB buffer as the writer computes them (default algorithm and
+    block size); ``extra_info["GB/s"]`` when timed (``--benchmark-enable``)."""
+    data = memoryview(torch.randint(0, 256, (64 << 20,), dtype=torch.uint8).numpy())
+    block = knobs.checksum_block_bytes()
+    sums = benchmark.pedantic(block_checksums, args=(data, block, DEFAULT_ALGORITHM), rounds=5,
+                              warmup_rounds=1)
+    assert len(sums) == -(-len(data) // block)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["algorithm"] = DEFAULT_ALGORITHM
+        benchmark.extra_info["GB/s"] = round(len(data) / benchmark.stats.stats.min / 1e9, 2)

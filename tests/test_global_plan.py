@@ -89,7 +89,7 @@ def test_sharded_items_from_many_ranks_are_sorted_and_attributed():
     cuts = sorted(rng.sample(range(1, rows), world - 1))
     bounds = list(zip([0, *cuts], [*cuts, rows]))
     plans = []
-    for rank, (lo, hi) in enumerate(reversed(bounds)):  # ranks hold shards out of order
+    for lo, hi in reversed(bounds):  # ranks hold shards out of order
         items = [_item("w", (lo, 0), (hi - lo, 3), (rows, 3)), _item("r", (0,), (6,), (6,))]
         plans.append(SavePlan(items))
     new_plans, metadata = _global(plans)

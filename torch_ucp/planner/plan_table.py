@@ -102,6 +102,17 @@ class LocalTableBuilder:
             self.coordinates.append(list(coordinate) if coordinate is not None else None)
         return index
 
+    def add_tensor(
+        self, name: str, dtype: torch.dtype, shape: Sequence[int], layout: int, path: Sequence[Any] | None
+    ) -> None:
+        """Name a tensor in the catalog, in state-dict order, even if this rank holds none of it
+        (so ranks of one layout send identical catalogs)."""
+        if name not in self._key_index:
+            self._key_index[name] = len(self.keys)
+            self.keys.append(
+                [name, TENSOR, dtype_to_name(dtype), list(shape), layout, list(path) if path else None]
+            )
+
     def build(
         self,
         items: Sequence[WriteItem],

@@ -112,9 +112,10 @@ class UCPSavePlanner(DefaultSavePlanner):
         self._local_of: dict[str, str] = {}
 
     # -- local planning -------------------------------------------------------------------
-    def _tensor_items(self, fqn: str, name: str, obj: torch.Tensor) -> list[WriteItem]:
-        """Write items of local tensor ``fqn`` stored as ``name`` (after renames), one per exact
-        box of the logical tensor (boxes mapped through a fused/padded pattern if one applies)."""
+    def _tensor_items(self, fqn: str, name: str, obj: torch.Tensor) -> tuple[torch.Size, list[WriteItem]]:
+        """The logical size of tensor ``fqn`` stored as ``name`` (after renames), and its write
+        items: one per exact box of the logical tensor this rank holds (boxes mapped through a
+        fused/padded pattern if one applies)."""
         if obj.device.type == "meta":
             raise ValueError(f"{fqn}: cannot save a tensor on the meta device")
         if isinstance(obj, DTensor):
@@ -141,7 +142,7 @@ class UCPSavePlanner(DefaultSavePlanner):
                         tensor_data=TensorWriteData(chunk=chunk, properties=props, size=size),
                     )
                 )
-        return items
+        return size, items
 
     def create_local_plan(self) -> SavePlan:
         items: list[WriteItem] = []
@@ -156,16 +157,20 @@ class UCPSavePlanner(DefaultSavePlanner):
         for fqn, obj in self.state_dict.items():
             name = names[fqn]
             self.patterns.note_stacked(name)
-            if isinstance(obj, torch.Tensor) and not hasattr(obj, "__create_write_items__"):
-                items.extend(self._tensor_items(fqn, name, obj))
-            elif isinstance(obj, DTensor):
-                items.extend(self._tensor_items(fqn, name, obj))
-                mesh = mesh_info(obj)
-                layout_of[name] = table.add_layout(
-                    {"shape": list(mesh.shape), "dim_names": mesh.dim_names},
-                    [placement_to_json(placement_info(p)) for p in obj.placements],
-                    obj.device_mesh.get_coordinate(),
-                )
+            if isinstance(obj, DTensor) or (
+                isinstance(obj, torch.Tensor) and not hasattr(obj, "__create_write_items__")
+            ):
+                layout = -1
+                if isinstance(obj, DTensor):
+                    mesh = mesh_info(obj)
+                    layout = layout_of[name] = table.add_layout(
+                        {"shape": list(mesh.shape), "dim_names": mesh.dim_names},
+                        [placement_to_json(placement_info(p)) for p in obj.placements],
+                        obj.device_mesh.get_coordinate(),
+                    )
+                size, tensor_items = self._tensor_items(fqn, name, obj)
+                table.add_tensor(name, obj.dtype, size, layout, self.mappings.get(fqn))
+                items.extend(tensor_items)
             elif isinstance(obj, torch.Tensor) or hasattr(obj, "__create_write_items__"):
                 items.extend(_create_write_items(fqn, obj))  # ShardedTensor and friends
             else:
