@@ -141,6 +141,16 @@ class _ObjectMaps:
             )
         return data
 
+    def release(self, obj: str, start: int, end: int) -> None:
+        """Drop the mapped pages of bytes ``start:end`` from this process's resident memory once
+        copied out (each fragment is read once; a page shared with a neighbour is simply read
+        again from the page cache if needed: nothing was written to it)."""
+        mm = self._maps[obj][0]
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        start -= start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(mm)) - start)
+
     def close(self) -> None:
         self._maps.clear()  # the mappings close when the last tensor view is gone
 
@@ -414,5 +424,6 @@ class FragmentReader:
         )
         elements = mapped[: len(mapped) - len(mapped) % itemsize].view(r.dtype)
         r.dest.copy_(elements.as_strided(r.lengths, strides, first))
+        maps.release(r.data.object, r.data.byte_offset, r.data.byte_offset + r.data.byte_length)
         if r.on_done is not None:
             r.on_done(r.dest)
