@@ -257,12 +257,17 @@ def _stack(arrays: list[np.ndarray], ndim: int, fill: int) -> np.ndarray:
     return out
 
 
+def _key_of_row(keys: list[KeyInfo], key: np.ndarray, row: int) -> tuple[KeyInfo, int]:
+    """The key of item ``row`` and its number of dimensions (for error messages)."""
+    info = keys[int(key[row])]
+    return info, len(info.shape or ())
+
+
 def _check_bounds(keys, key, offsets, lengths, shapes, rank) -> None:
     bad = ((offsets < 0) | (offsets + lengths > shapes[key])).any(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        info = keys[int(key[i])]
-        nd = len(info.shape or ())
+        info, nd = _key_of_row(keys, key, i)
         raise ValueError(
             f"{info.name}: rank {int(rank[i])} holds a fragment at offsets "
             f"{offsets[i, :nd].tolist()} of lengths {lengths[i, :nd].tolist()} outside the "
@@ -278,8 +283,7 @@ def _check_same_boxes(keys, key, offsets, lengths, rank, order, first, holders) 
     if differs.any():
         i = int(order[np.flatnonzero(differs)[0]])
         j = int(first[np.searchsorted(np.cumsum(holders), np.flatnonzero(differs)[0], side="right")])
-        info = keys[int(key[i])]
-        nd = len(info.shape or ())
+        info, nd = _key_of_row(keys, key, i)
         raise ValueError(
             f"{info.name}: ranks {int(rank[j])} and {int(rank[i])} hold different fragments at "
             f"offsets {offsets[i, :nd].tolist()}: lengths {lengths[j, :nd].tolist()} and "
