@@ -130,18 +130,22 @@ class LocalTableBuilder:
         for i, item in enumerate(items):
             name = item.index.fqn
             k = self._key_index.get(name)
-            if k is None:
-                k = self._key_index[name] = len(self.keys)
-                self.keys.append(_catalog_entry(item, layout_of.get(name, -1), paths.get(name)))
+            if k is None:  # not named by add_tensor: a value, or an item from another planner
+                td = item.tensor_data
+                if td is None or item.type == WriteItemType.BYTE_IO:
+                    path = paths.get(name)
+                    self.keys.append([name, BYTES, None, None, -1, list(path) if path else None])
+                    self._key_index[name] = len(self.keys) - 1
+                else:
+                    self.add_tensor(name, td.properties.dtype, td.size, layout_of.get(name, -1), paths.get(name))
+                k = self._key_index[name]
             key[i] = k
+            nbytes[i] = write_item_nbytes(item)
             td = item.tensor_data
-            if td is None:
-                nbytes[i] = item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
-                continue
-            d = len(td.chunk.offsets)
-            offsets[i, :d] = td.chunk.offsets
-            lengths[i, :d] = td.chunk.sizes
-            nbytes[i] = math.prod(td.chunk.sizes) * torch._utils._element_size(td.properties.dtype)
+            if td is not None:
+                d = len(td.chunk.offsets)
+                offsets[i, :d] = td.chunk.offsets
+                lengths[i, :d] = td.chunk.sizes
         catalog = json.dumps({"keys": self.keys, "layouts": self.layouts}, separators=(",", ":"))
         return LocalPlanTable(
             catalog=zlib.compress(catalog.encode(), 1),
@@ -152,6 +156,15 @@ class LocalTableBuilder:
             lengths=lengths,
             nbytes=nbytes,
         )
+
+
+def write_item_nbytes(item: WriteItem) -> int:
+    """Bytes an item occupies in storage (a value: its serialized size, if known)."""
+    if item.tensor_data is None:
+        return item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
+    return math.prod(item.tensor_data.chunk.sizes) * torch._utils._element_size(
+        item.tensor_data.properties.dtype
+    )
 
 
 @dataclass(frozen=True)
@@ -168,18 +181,3 @@ class WriterAssignment:
                 f"{len(items)}; was the planner reused across saves?"
             )
         return [item for item, keep in zip(items, self.keep.tolist()) if keep]
-
-
-def _catalog_entry(item: WriteItem, layout: int, path: Sequence[Any] | None) -> list[Any]:
-    path_json = list(path) if path is not None else None
-    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
-        return [item.index.fqn, BYTES, None, None, -1, path_json]
-    td = item.tensor_data
-    return [
-        item.index.fqn,
-        TENSOR,
-        dtype_to_name(td.properties.dtype),
-        list(td.size),
-        layout,
-        path_json,
-    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,14 +56,6 @@ def narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> t
         if o != 0 or n != t.shape[dim]:
             t = t.narrow(dim, o, n)
     return t
-
-
-def write_item_nbytes(item: WriteItem) -> int:
-    if item.tensor_data is None:
-        return item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
-    return math.prod(item.tensor_data.chunk.sizes) * torch._utils._element_size(
-        item.tensor_data.properties.dtype
-    )
 
 
 class UCPSavePlanner(DefaultSavePlanner):

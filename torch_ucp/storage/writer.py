@@ -36,8 +36,8 @@ from torch_ucp.metadata.schema import (
     StoredBytes,
     TensorEntry,
 )
+from torch_ucp.planner.plan_table import write_item_nbytes
 from torch_ucp.planner.provenance import SaveInfo, flatten_mapping_of
-from torch_ucp.planner.save_planner import write_item_nbytes
 from torch_ucp.storage.checksum import DEFAULT_ALGORITHM
 from torch_ucp.storage.objects import ITEM_ALIGNMENT, ObjectStream
 from torch_ucp.storage.store import Store
