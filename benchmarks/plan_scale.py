@@ -1,54 +1,82 @@
-"""Planning at scale without processes: a Llama-70B-shaped state on 1,024 and 8,192 ranks.
+"""The metadata life cycle at scale, without processes: a Llama-70B-shaped state on 1,024 to
+16,384 simulated ranks, driving the real planner, writer and reader code.
 
-    python benchmarks/plan_scale.py [--ranks 1024 8192] [--tp 8] [--stock-max-ranks 256]
+    python benchmarks/plan_scale.py [--ranks 1024 2048 4096 8192] [--tp 8] [--json FILE]
+                                    [--stock-max-ranks 256] [--dir DIR]
 
-For FSDP x TP (TP colwise/rowwise, FSDP on dim 0, norms TP-replicated; AdamW ``exp_avg`` and
-``exp_avg_sq`` per parameter and a replicated ``step``) it builds every rank's local plan summary
-exactly as ``UCPSavePlanner.create_local_plan`` ships it (the catalog from real ``WriteItem``s
-of rank 0, the per-rank columns from ``boxes_for``, the function the planner itself uses), then
-times the coordinator:
+State: FSDP x TP (TP colwise/rowwise, FSDP on dim 0, norms TP-replicated; AdamW ``exp_avg`` and
+``exp_avg_sq`` per parameter and a replicated ``step``), bf16. For every rank count:
 
-- ``ucp global s``: ``UCPSavePlanner.create_global_plan`` on all ranks' plans, after they went
-  through pickle as DCP's gather sends them (``gathered MB``: what the coordinator receives);
-- ``meta MB``: the JSON torch_ucp adds to DCP's metadata (writer and coordinate of every
-  fragment), and ``chunks``: unique fragments;
-- ``load plan s``: one rank's ``UCPLoadPlanner.create_local_plan`` on that metadata, for a
-  DTensor state on a *different* mesh (TP x 2, FSDP / 2), in a fake process group of the full
-  world size (all ranks plan in parallel, so this is the latency);
-- stock ``DefaultSavePlanner.create_global_plan`` on the same items as ``WriteItem`` lists, up to
-  ``--stock-max-ranks`` (its items alone need ~1 KiB each: 24M of them do not fit in memory).
+1. **Local plans.** Every rank's plan summary is built as ``UCPSavePlanner.create_local_plan``
+   ships it (rank 0's catalog from real ``WriteItem``s, the per-rank columns from ``boxes_for``,
+   the function the planner uses), then pickled as DCP's gather sends it.
+2. **Coordinator** (a fresh process, so its peak memory is its own): receives the pickled plans,
+   runs ``UCPSavePlanner.create_global_plan`` + ``UCPWriter.prepare_global_plan``
+   (``global_plan_s``), then, after the ranks wrote, unpickles every rank's write result as
+   DCP's gather delivers it and runs ``UCPWriter.finish``: header built, encoded, written
+   atomically, stale data removed, metadata made compact (``commit_s``). ``broadcast_bytes`` is
+   the pickle of the ``Metadata`` DCP then broadcasts to every rank.
+3. **Writers**: each rank's fragment index is built from its assigned rows with the writer's own
+   encoder (:func:`torch_ucp.metadata.index.encode_index`) and written (no fsync in bulk;
+   ``index_write_ms`` times one rank's whole path, fsync included).
+4. **One loading rank of another layout** (FSDP x TP=4, a fresh process): ``UCPReader`` reads the
+   header (``load_metadata_s``), ``UCPLoadPlanner.create_local_plan`` in a fake process group of
+   the full world size routes its boxes, fetches its indexes and plans its reads
+   (``load_plan_s``); ``load_peak_mib`` is its memory above the process's baseline (torch
+   imported, target state allocated); ``load_metadata_bytes_read`` header + indexes read;
+   ``load_gather_bytes`` the pickled load plans of all ranks (what DCP gathers).
+   ``all_ranks_metadata_bytes_read`` adds up, over every loading rank, the header and the
+   indexes its boxes route to (routing computed exactly for a sample of ranks spread over the
+   mesh, scaled to all ranks: loading ranks of one layout are alike).
+5. **Stock DCP** beside it up to ``--stock-max-ranks``: ``DefaultSavePlanner`` global plan, the
+   pickled ``Metadata`` (written as ``.metadata``, broadcast at the end of the save, and read and
+   unpickled whole by every loading rank), and ``DefaultLoadPlanner`` on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import pickle
-import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     MetadataIndex,
     TensorProperties,
 )
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_ucp.planner.layout import boxes_for  # noqa: E402
+from torch_ucp.metadata.checksums import crc32c  # noqa: E402
+from torch_ucp.metadata.fragments import FragmentRows, checksum_counts, tensor_key  # noqa: E402
+from torch_ucp.metadata.index import encode_index  # noqa: E402
+from torch_ucp.metadata.placements import boxes_for  # noqa: E402
+from torch_ucp.metadata.schema import (  # noqa: E402
+    ITEM_ALIGNMENT,
+    IndexRef,
+    MeshInfo,
+    PlacementInfo,
+    data_object_name,
+    index_object_name,
+)
 from torch_ucp.planner.plan_table import LocalPlanTable, LocalTableBuilder, RankLocalItems  # noqa: E402
-from torch_ucp.planner.provenance import UCP_KEY  # noqa: E402
-from torch_ucp.planner.save_planner import UCPSavePlanner  # noqa: E402
 
 DIM, FFN, VOCAB, LAYERS, KV = 8192, 28672, 128256, 80, 1024
 TP_PLACEMENT = {"col": Shard(0), "row": Shard(1), "rep": Replicate()}
+BLOCK = 1 << 20
 
 
 def llama70b_params() -> dict[str, tuple[tuple[int, ...], str]]:
@@ -85,6 +113,10 @@ def state_keys(params) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
+def _info(p) -> PlacementInfo:
+    return PlacementInfo("replicate") if isinstance(p, Replicate) else PlacementInfo("shard", p.dim)
+
+
 class SyntheticPlans:
     """Every rank's local plan for a (dp, tp) mesh, from per-(shape, style) box tables."""
 
@@ -93,10 +125,11 @@ class SyntheticPlans:
         self.keys = state_keys(params)
         shapes = sorted({(shape, style) for _, shape, style in self.keys if style != "step"})
         self._boxes = {s: self._box_table(*s) for s in shapes}
+        self.mesh = MeshInfo((self.dp, self.tp), ("dp", "tp"), tuple(range(ranks)))
 
     def _box_table(self, shape, style) -> tuple[np.ndarray, np.ndarray]:
         """offsets, lengths [ranks, ndim] of the one box each rank holds."""
-        placements = (Shard(0), TP_PLACEMENT[style])
+        placements = (PlacementInfo("shard", 0), _info(TP_PLACEMENT[style]))
         off = np.zeros((self.ranks, len(shape)), dtype=np.int64)
         length = np.zeros_like(off)
         for r in range(self.ranks):
@@ -125,70 +158,282 @@ class SyntheticPlans:
     def tables(self) -> list[LocalPlanTable]:
         """Every rank's table: rank 0's catalog (identical on every rank), per-rank columns."""
         builder = LocalTableBuilder()
-        mesh = {"shape": [self.dp, self.tp], "dim_names": ["dp", "tp"]}
         layout_of = {}
         for key, _, style in self.keys:
             if style != "step":
-                placements = [{"kind": "shard", "dim": 0}, _placement_json(TP_PLACEMENT[style])]
-                layout_of[key] = builder.add_layout(mesh, placements, [0, 0])
+                placements = (PlacementInfo("shard", 0), _info(TP_PLACEMENT[style]))
+                layout_of[key] = builder.add_layout(self.mesh, placements, [0, 0])
         template = builder.build(self.items(0), layout_of, {k: k.split(".") for k, _, _ in self.keys})
-        # One [shapes, ranks, ndim] table of boxes; row 0 is the scalar step (offset 0, length 1).
-        kinds = [None, *self._boxes]
+        template_key = template.arrays()[0]
+        kinds = [None, *self._boxes]  # row 0: the scalar step (offset 0, length 1)
         box_off = np.zeros((len(kinds), self.ranks, template.ndim), dtype=np.int64)
         box_len = np.ones_like(box_off)
         for i, kind in enumerate(kinds[1:], 1):
             off, length = self._boxes[kind]
             box_off[i, :, : off.shape[1]], box_len[i, :, : off.shape[1]] = off, length
         kind_of = np.array([0 if style == "step" else kinds.index((shape, style))
-                            for _, shape, style in self.keys])[template.key]
+                            for _, shape, style in self.keys])[template_key]
         itemsize = np.where(kind_of == 0, 4, 2)
         tables = []
         for r in range(self.ranks):
             lengths = box_len[kind_of, r]
             held = (kind_of == 0) | (lengths.prod(axis=1) > 0)
             coords = [[r // self.tp, r % self.tp] for _ in template.coordinates]
-            tables.append(LocalPlanTable(template.catalog, template.digest, coords, template.key[held],
-                                         box_off[kind_of, r][held], lengths[held],
-                                         (lengths.prod(axis=1) * itemsize)[held]))
+            tables.append(LocalPlanTable.pack(template.catalog, template.digest, coords, template_key[held],
+                                              box_off[kind_of, r][held], lengths[held],
+                                              (lengths.prod(axis=1) * itemsize)[held]))
         return tables
 
 
-def _placement_json(p) -> dict:
-    return {"kind": "replicate"} if isinstance(p, Replicate) else {"kind": "shard", "dim": p.dim}
+def _peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def load_plan_seconds(metadata, ranks: int, tp: int, params) -> float:
-    """One rank's UCPLoadPlanner.create_local_plan for a (dp/2, 2*tp) DTensor state."""
-    import torch.distributed as dist
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Start VmHWM over from the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------- the stages
+def coordinator(work: str) -> None:
+    """Child process: the coordinator of one save. Plans globally on every rank's pickled plan;
+    a forked process plays the ranks writing their indexes; then the coordinator commits on
+    every rank's pickled write result."""
+    from torch_ucp import UCPSavePlanner, UCPWriter
+
+    with open(os.path.join(work, "plans.pkl"), "rb") as f:
+        wire = pickle.load(f)  # what DCP's gather delivers: one pickled plan per rank
+    gc.collect()
+    t0 = time.perf_counter()
+    plans = [pickle.loads(w) for w in wire]
+    del wire
+    planner = UCPSavePlanner()
+    planner.set_up_planner({}, None, True)
+    new_plans, metadata = planner.create_global_plan(plans)
+    writer = UCPWriter(os.path.join(work, "ckpt"))
+    writer.set_up_storage_writer(True)
+    new_plans = writer.prepare_global_plan(new_plans)
+    global_plan_s = time.perf_counter() - t0
+    plan_peak = _peak_mib()
+    scatter = sum(len(pickle.dumps(p)) for p in new_plans)
+    record = {"global_plan_s": global_plan_s, "scatter_bytes": scatter,
+              "fragments": int(sum(t.fragments for t in metadata.planner_data.layout.tensors.values()))}
+    pid = os.fork()
+    if pid == 0:  # the ranks: write every index, report as DCP's gather delivers it
+        try:
+            tables = [p.planner_data for p in plans]
+            keep = [p.planner_data.keep for p in new_plans]
+            out = write_indexes(work, writer.save_id, tables, keep)
+            with open(os.path.join(work, "writers.json"), "w") as f:
+                json.dump(out, f)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    del plans, new_plans
+    with open(os.path.join(work, "writers.json")) as f:
+        record.update(json.load(f))
+    with open(os.path.join(work, "results.pkl"), "rb") as f:
+        gathered = f.read()
+    gc.collect()
+    _reset_peak()
+    t0 = time.perf_counter()
+    results = pickle.loads(gathered)
+    writer.finish(metadata, results)
+    commit_s = time.perf_counter() - t0
+    broadcast = pickle.dumps(metadata)
+    record.update({
+        "commit_s": commit_s,
+        "coordinator_peak_mib": max(plan_peak, _peak_mib()),
+        "gathered_results_bytes": len(gathered),
+        "broadcast_bytes": len(broadcast),
+        "header_bytes": os.path.getsize(os.path.join(work, "ckpt", ".metadata")),
+    })
+    _emit(record)
+
+
+def write_indexes(work: str, save_id: str, tables: list[LocalPlanTable], keep: list[np.ndarray]) -> dict:
+    """Every rank's fragment index from its assigned rows (synthetic byte offsets, real
+    encoder), and the write result each rank reports, pickled as DCP's gather delivers them."""
+    from torch_ucp.storage.store import Store
+    from torch_ucp.storage.writer import RANK_RESULT, RankWritten
+
+    catalog = tables[0].parse_catalog()
+    names = [k[0] for k in catalog["keys"]]
+    keys = np.array([tensor_key(n) for n in names], dtype=np.uint64)
+    folder = os.path.join(work, "ckpt", f"data-{save_id}")
+    os.makedirs(folder, exist_ok=True)
+    results = []
+    total = 0
+    store = Store(os.path.join(work, "ckpt"))
+    one_rank_s = 0.0
+    for r, (table, flags) in enumerate(zip(tables, keep)):
+        t0 = time.perf_counter()
+        t_key, t_off, t_len, t_bytes = table.arrays()
+        rows = _rank_rows(t_off[flags], t_len[flags], t_bytes[flags], save_id, r)
+        blob = encode_index(r, keys[t_key[flags]], rows, BLOCK)
+        name = index_object_name(save_id, r)
+        if r == 0:  # one rank's real path, fsync included
+            store.write_object(name, blob)
+            one_rank_s = time.perf_counter() - t0
+        else:
+            with open(os.path.join(work, "ckpt", name), "wb") as f:
+                f.write(blob)
+        report = RankWritten(r, IndexRef(r, name, len(blob), crc32c(blob), len(rows)), [], 0)
+        results.append([WriteResult(MetadataIndex(RANK_RESULT), 0, report)])
+        total += len(blob)
+    with open(os.path.join(work, "results.pkl"), "wb") as f:
+        f.write(pickle.dumps(results))
+    return {"index_bytes": total, "index_write_ms": one_rank_s * 1e3}
+
+
+def _rank_rows(offsets, lengths, nbytes, save_id: str, rank: int) -> FragmentRows:
+    """The rows rank ``rank`` writes: its kept items, laid out in one data object."""
+    n = len(nbytes)
+    aligned = -(-nbytes // ITEM_ALIGNMENT) * ITEM_ALIGNMENT
+    counts = checksum_counts(nbytes, BLOCK)
+    return FragmentRows(
+        tensor=np.zeros(n, dtype=np.int64),
+        offsets=offsets.astype(np.int64),
+        lengths=lengths.astype(np.int64),
+        objects=[data_object_name(save_id, rank, 0)],
+        object=np.zeros(n, dtype=np.int32),
+        byte_offset=np.concatenate([[0], np.cumsum(aligned)[:-1]]).astype(np.int64),
+        byte_length=nbytes.astype(np.int64),
+        checksum_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        checksums=np.zeros(int(counts.sum()), dtype=np.uint32),
+        rank=np.full(n, rank, dtype=np.int32),
+    )
+
+
+def _target_state(ranks: int, tp: int, rank: int, params):
+    """One loading rank's DTensor state for the (ranks // tp, tp) layout."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (ranks // tp, tp), mesh_dim_names=("dp", "tp"))
+    state = {}
+    for key, shape, style in state_keys(params):
+        if style == "step":
+            state[key] = torch.zeros(())
+            continue
+        placements = (Shard(0), TP_PLACEMENT[style])
+        info = (PlacementInfo("shard", 0), _info(TP_PLACEMENT[style]))
+        boxes = boxes_for(shape, tuple(mesh.shape), info, tuple(mesh.get_coordinate()))
+        local = torch.empty(boxes[0].lengths if boxes else (0, *shape[1:]), dtype=torch.bfloat16)
+        state[key] = DTensor.from_local(local, mesh, placements, run_check=False,
+                                        shape=torch.Size(shape), stride=_contiguous_stride(shape))
+    return state
+
+
+def load_one_rank(work: str, ranks: int, tp: int, rank: int, stock: bool) -> None:
+    """Child process: one loading rank of the (FSDP, TP=tp) layout, in a fake process group."""
+    import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from torch_ucp import UCPLoadPlanner
+    from torch_ucp import UCPLoadPlanner, UCPReader
 
-    rank = ranks // 2 + 3
+    params = llama70b_params()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ranks)
     try:
-        mesh = init_device_mesh("cpu", (ranks // (2 * tp), 2 * tp), mesh_dim_names=("dp", "tp"))
-        state = {}
-        for key, shape, style in state_keys(params):
-            if style == "step":
-                state[key] = torch.zeros(())
-                continue
-            placements = (Shard(0), TP_PLACEMENT[style])
-            boxes = boxes_for(shape, tuple(mesh.shape), placements, tuple(mesh.get_coordinate()))
-            local = torch.empty(boxes[0].lengths if boxes else (0, *shape[1:]), dtype=torch.bfloat16)
-            state[key] = DTensor.from_local(local, mesh, placements, run_check=False,
-                                            shape=torch.Size(shape), stride=_contiguous_stride(shape))
-        planner = UCPLoadPlanner()
+        state = _target_state(ranks, tp, rank, params)
+        gc.collect()
+        base = _rss_mib()
+        _reset_peak()
+        path = os.path.join(work, "stock" if stock else "ckpt")
+        t0 = time.perf_counter()
+        if stock:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            reader = FileSystemReader(path)
+            metadata = reader.read_metadata()
+            read = os.path.getsize(os.path.join(path, ".metadata"))
+            planner = DefaultLoadPlanner()
+        else:
+            reader = UCPReader(path)
+            metadata = reader.read_metadata()
+            planner = UCPLoadPlanner()
+        load_metadata_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         planner.set_up_planner(state, metadata, False)
         plan = planner.create_local_plan()
-        seconds = time.perf_counter() - t0
+        load_plan_s = time.perf_counter() - t0
         assert plan.items, "the load plan reads nothing"
-        return seconds
+        if not stock:
+            catalog = reader.catalog()
+            read = os.path.getsize(os.path.join(path, ".metadata")) + catalog.bytes_fetched
+            indexes = catalog.indexes_fetched
+        else:
+            indexes = 0
+        _emit({"load_metadata_s": load_metadata_s, "load_plan_s": load_plan_s,
+               "load_peak_mib": _peak_mib() - base, "load_metadata_bytes_read": read,
+               "load_indexes_read": indexes, "load_gather_bytes": len(pickle.dumps(plan)) * ranks,
+               "read_items": len(plan.items)})
     finally:
         dist.destroy_process_group()
+
+
+def all_ranks_bytes(work: str, ranks: int, tp: int, samples: int) -> dict:
+    """Header + routed indexes summed over every loading rank (exact routing for ``samples``
+    ranks spread over the mesh, scaled to all ranks)."""
+    from torch_ucp.storage.reader import open_catalog
+    from torch_ucp.storage.store import Store
+
+    params = llama70b_params()
+    catalog = open_catalog(Store(os.path.join(work, "ckpt")))
+    header = os.path.getsize(os.path.join(work, "ckpt", ".metadata"))
+    sizes = {ref.rank: ref.nbytes for ref in catalog.meta.indexes}
+    dp = ranks // tp
+    picked = np.unique(np.linspace(0, ranks - 1, num=min(samples, ranks)).astype(np.int64))
+    total = 0
+    for rank in picked.tolist():
+        coord = (rank // tp, rank % tp)
+        needed: set[int] = set()
+        for key, shape, style in state_keys(params):
+            if style == "step":
+                boxes = [((), ())]
+            else:
+                info = (PlacementInfo("shard", 0), _info(TP_PLACEMENT[style]))
+                boxes = [(b.global_offsets, b.lengths) for b in boxes_for(shape, (dp, tp), info, coord)]
+            for off, lens in boxes:
+                writers = catalog.writers_for(key, off, lens)
+                needed.update(sizes if writers is None else writers.tolist())
+        total += header + sum(sizes.get(r, 0) for r in needed)
+    return {"all_ranks_metadata_bytes_read": int(total / len(picked) * ranks), "sampled_ranks": len(picked)}
+
+
+def stock_dcp(work: str, synthetic: SyntheticPlans) -> dict:
+    """Stock DCP on the same state: global plan, pickled Metadata, one rank's load."""
+    plans = [SavePlan(synthetic.items(r), planner_data={}) for r in range(synthetic.ranks)]
+    gathered = sum(len(pickle.dumps(p)) for p in plans)
+    planner = DefaultSavePlanner()
+    planner.set_up_planner({}, None, True)
+    t0 = time.perf_counter()
+    _, metadata = planner.create_global_plan(plans)
+    global_s = time.perf_counter() - t0
+    del plans
+    blob = pickle.dumps(metadata)
+    os.makedirs(os.path.join(work, "stock"), exist_ok=True)
+    with open(os.path.join(work, "stock", ".metadata"), "wb") as f:
+        f.write(blob)
+    return {"stock_global_plan_s": global_s, "stock_gathered_bytes": gathered,
+            "stock_metadata_bytes": len(blob), "stock_broadcast_bytes": len(blob),
+            "stock_all_ranks_metadata_bytes_read": len(blob) * synthetic.ranks}
 
 
 def _contiguous_stride(shape) -> tuple[int, ...]:
@@ -199,61 +444,130 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def stock_global_seconds(synthetic: SyntheticPlans) -> tuple[float, float]:
-    plans = [SavePlan(synthetic.items(r), planner_data={}) for r in range(synthetic.ranks)]
-    gathered = sum(len(pickle.dumps(p)) for p in plans) / 1e6
-    planner = DefaultSavePlanner()
-    planner.set_up_planner({}, None, True)
-    t0 = time.perf_counter()
-    planner.create_global_plan(plans)
-    return time.perf_counter() - t0, gathered
+def _emit(record: dict) -> None:
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+def _child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"child {args} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def run(ranks: int, tp: int, load_tp: int, stock_max: int, samples: int, base: str) -> dict:
+    work = tempfile.mkdtemp(prefix=f"plan-scale-{ranks}-", dir=base)
+    try:
+        params = llama70b_params()
+        synthetic = SyntheticPlans(ranks, tp, params)
+        tables = synthetic.tables()
+        wire = [pickle.dumps(SavePlan(RankLocalItems(), planner_data=t)) for t in tables]
+        gathered = sum(len(w) for w in wire)
+        with open(os.path.join(work, "plans.pkl"), "wb") as f:
+            pickle.dump(wire, f)
+        del wire
+        del tables
+        record = {"ranks": ranks, "gathered_plan_bytes": gathered}
+        record.update(_child("coordinator", work))
+        record["metadata_bytes"] = record["header_bytes"] + record["index_bytes"]
+        record.update(_child("load", work, str(ranks), str(load_tp), str(ranks // 2 + 3), "0"))
+        record.update(all_ranks_bytes(work, ranks, load_tp, samples))
+        if ranks <= stock_max:
+            record.update(stock_dcp(work, synthetic))
+            stock_load = _child("load", work, str(ranks), str(load_tp), str(ranks // 2 + 3), "1")
+            record.update({f"stock_{k}": v for k, v in stock_load.items()})
+        return record
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+COLUMNS = [
+    ("ranks", "ranks", "{:d}"),
+    ("fragments", "fragments", "{:,d}"),
+    ("global_plan_s", "plan s", "{:.2f}"),
+    ("commit_s", "commit s", "{:.2f}"),
+    ("coordinator_peak_mib", "coord MiB", "{:,.0f}"),
+    ("metadata_bytes", "metadata MB", "{:,.1f}", 1e6),
+    ("header_bytes", "header MB", "{:.2f}", 1e6),
+    ("broadcast_bytes", "bcast MB", "{:.2f}", 1e6),
+    ("load_gather_bytes", "ld gather MB", "{:.1f}", 1e6),
+    ("load_metadata_s", "ld meta s", "{:.2f}"),
+    ("load_plan_s", "ld plan s", "{:.2f}"),
+    ("load_peak_mib", "ld MiB", "{:,.0f}"),
+    ("load_metadata_bytes_read", "ld read MB", "{:.2f}", 1e6),
+    ("all_ranks_metadata_bytes_read", "all read GB", "{:.2f}", 1e9),
+]
+
+
+def _row(record: dict, prefix: str = "") -> str:
+    cells = []
+    for col in COLUMNS:
+        key, _, fmt = col[:3]
+        value = record.get(prefix + key, record.get(key) if key in ("ranks",) else None)
+        if value is None:
+            cells.append("-")
+            continue
+        if len(col) > 3:
+            value = value / col[3]
+        cells.append(fmt.format(value))
+    return "".join(f"{c:>{max(len(h), 8) + 1}}" for c, (_, h, *_) in zip(cells, COLUMNS))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", type=int, nargs="+", default=[1024, 8192])
+    p.add_argument("--ranks", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--tp", type=int, default=8)
+    p.add_argument("--load-tp", type=int, default=4, help="TP degree of the loading layout (default 4)")
     p.add_argument("--stock-max-ranks", type=int, default=256,
-                   help="run stock DefaultSavePlanner only up to this many ranks (default 256)")
-    p.add_argument("--no-load", action="store_true", help="skip the load-planning column")
+                   help="run stock DCP only up to this many ranks (default 256)")
+    p.add_argument("--samples", type=int, default=32, help="loading ranks routed exactly for the all-ranks sum")
+    p.add_argument("--dir", default=tempfile.gettempdir(), help="where to write the checkpoints' metadata")
+    p.add_argument("--json", help="write one JSON record per rank count to this file")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:
+        stage, work, *rest = args.child
+        if stage == "coordinator":
+            coordinator(work)
+        elif stage == "load":
+            load_one_rank(work, int(rest[0]), int(rest[1]), int(rest[2]), rest[3] == "1")
+        return 0
     params = llama70b_params()
     print(f"Llama-70B shape: {len(params)} parameters -> {4 * len(params)} saved tensors per rank "
-          f"(model, exp_avg, exp_avg_sq, step); FSDP x TP={args.tp}; torch {torch.__version__}")
-    head = (f"{'ranks':>6} {'items':>10} {'gathered MB':>11} {'ucp global s':>12} {'chunks':>9} "
-            f"{'meta MB':>8} {'load plan s':>11} {'dcp gathered MB':>15} {'dcp global s':>12}")
+          f"(model, exp_avg, exp_avg_sq, step), bf16; save FSDP x TP={args.tp}, load FSDP x "
+          f"TP={args.load_tp}; torch {torch.__version__}; {os.cpu_count()} CPUs")
+    head = "".join(f"{h:>{max(len(h), 8) + 1}}" for _, h, *_ in COLUMNS)
     print(head)
     print("-" * len(head))
+    records = []
     for ranks in args.ranks:
-        synthetic = SyntheticPlans(ranks, args.tp, params)
-        tables = synthetic.tables()
-        wire = [pickle.dumps(SavePlan(RankLocalItems(), planner_data=t)) for t in tables]
-        del tables
-        gathered = sum(len(w) for w in wire) / 1e6
-        gc.collect()
-        t0 = time.perf_counter()
-        plans = [pickle.loads(w) for w in wire]
-        del wire
-        planner = UCPSavePlanner()
-        planner.set_up_planner({}, None, True)
-        _, metadata = planner.create_global_plan(plans)
-        ucp_s = time.perf_counter() - t0
-        n_items = sum(len(pl.planner_data) for pl in plans)
-        del plans
-        chunks = len(metadata.state_dict_metadata.fragments.writer)
-        meta_mb = len(metadata.planner_data[UCP_KEY]) / 1e6
-        load_s = float("nan") if args.no_load else load_plan_seconds(metadata, ranks, args.tp, params)
-        if ranks <= args.stock_max_ranks:
-            dcp_s, dcp_mb = stock_global_seconds(synthetic)
-            stock = f"{dcp_mb:>15.1f} {dcp_s:>12.2f}"
-        else:
-            stock = f"{'skipped':>15} {'skipped':>12}"
-        print(f"{ranks:>6} {n_items:>10} {gathered:>11.1f} {ucp_s:>12.2f} {chunks:>9} {meta_mb:>8.1f} "
-              f"{load_s:>11.2f} {stock}", flush=True)
-        del metadata, synthetic
-        gc.collect()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak RSS {peak:.1f} GiB")
+        record = run(ranks, args.tp, args.load_tp, args.stock_max_ranks, args.samples, args.dir)
+        records.append(record)
+        print(_row(record), flush=True)
+        if "stock_global_plan_s" in record:
+            stock = {"ranks": ranks, "global_plan_s": record["stock_global_plan_s"],
+                     "metadata_bytes": record["stock_metadata_bytes"],
+                     "header_bytes": record["stock_metadata_bytes"],
+                     "broadcast_bytes": record["stock_broadcast_bytes"],
+                     "load_gather_bytes": record["stock_load_gather_bytes"],
+                     "load_metadata_s": record["stock_load_metadata_s"],
+                     "load_plan_s": record["stock_load_plan_s"],
+                     "load_peak_mib": record["stock_load_peak_mib"],
+                     "load_metadata_bytes_read": record["stock_load_metadata_bytes_read"],
+                     "all_ranks_metadata_bytes_read": record["stock_all_ranks_metadata_bytes_read"]}
+            print(_row(stock) + "   <- stock DCP", flush=True)
+    print("\nplan s: coordinator global plan (unpickle every rank's plan + create_global_plan + "
+          "prepare_global_plan); commit s: unpickle every rank's write result + UCPWriter.finish; "
+          "coord MiB: coordinator peak RSS (process incl. torch); ld *: one loading rank; all read: "
+          "metadata bytes read by all loading ranks together")
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
     return 0
 
 

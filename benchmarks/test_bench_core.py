@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter, knobs, open_checkpoint
-from torch_ucp.storage.checksum import DEFAULT_ALGORITHM, block_checksums
+from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, block_checksums
 
 STATE = {f"layer{i}.weight": torch.randn(2048, 2048) for i in range(8)}  # 128 MiB
 

@@ -217,8 +217,8 @@ def test_inspect_text_on_torch_ucp_checkpoint(cli):
     out = cli.ok("inspect_ucp").stdout
     ucp = cli.paths["ucp"]
     meta = open_checkpoint(ucp).metadata
-    assert out.startswith(f"{ucp}: torch_ucp (format version 1)\n")
-    assert f"save id {meta.save_id}, world size 2, {len(meta.data_objects())} data objects" in out
+    assert out.startswith(f"{ucp}: torch_ucp (format version 2)\n")
+    assert f"save id {meta.save_id}, world size 2, {len(meta.indexes)} fragment indexes" in out
     rows = [line.split()[0] for line in out.splitlines()[4:-2]]
     assert rows == [*ucp_reference(), *UCP_VALUES]
     assert re.search(r"\nmodel\.embed\.weight +float32 +\[13, 7\] +364 B +2  mesh\(dp=2\) \[Shard\(0\)\]\n", out)
@@ -233,8 +233,8 @@ def test_inspect_text_on_torch_ucp_checkpoint(cli):
 def test_inspect_json_on_torch_ucp_checkpoint(cli):
     info = json.loads(cli.ok("inspect_ucp_json").stdout)
     meta = open_checkpoint(cli.paths["ucp"]).metadata
-    assert (info["format"], info["version"], info["world_size"]) == ("torch_ucp", 1, 2)
-    assert info["save_id"] == meta.save_id and info["data_objects"] == len(meta.data_objects())
+    assert (info["format"], info["version"], info["world_size"]) == ("torch_ucp", 2, 2)
+    assert info["save_id"] == meta.save_id and info["indexes"] == len(meta.indexes) == 2
     assert info["meshes"] == [{"shape": [2], "dim_names": ["dp"]}]
     ref = ucp_reference()
     assert list(info["tensors"]) == list(ref)
@@ -353,7 +353,7 @@ def test_convert_stock_dcp_then_verify(cli):
         assert same(ckpt.read(f"model.{name}"), t), name
     assert (ckpt.read("step"), ckpt.read("sched.lr"), ckpt.read("sched.name")) == (5, 0.5, "cosine")
     assert ckpt.metadata.flatten_mapping["sched.lr"] == ["sched", "lr"]
-    assert ckpt.metadata.objects["step"].encoding == "json"  # no pickle any more
+    assert ckpt.metadata.values["step"].encoding == "json"  # no pickle any more
 
 
 # ------------------------------------------------------------------------------- bad inputs
@@ -365,7 +365,7 @@ def test_convert_stock_dcp_then_verify(cli):
         ("bad_missing", r"^torch-ucp inspect: error: \S+/missing does not exist$"),
         ("bad_not_checkpoint", r"^torch-ucp export: error: \S+/notes is not a checkpoint: no \.metadata"),
         ("bad_version", r"^torch-ucp convert: error: \S+/v99/\.metadata has format version 99; "
-                        r"this torch_ucp reads versions 1\.\.1"),
+                        r"this torch_ucp reads versions 1\.\.2"),
     ],
 )
 def test_bad_input_one_line_error(cli, name, message):
@@ -385,7 +385,7 @@ def test_s3_inspect_and_export_with_keys_and_strip_prefix(cli):
     """s3:// URLs with -o endpoint_url=... -o key=...; --keys selects, --strip-prefix renames."""
     info = json.loads(cli.ok("s3_inspect").stdout)
     assert info["url"] == cli.paths["s3"]
-    assert (info["format"], info["world_size"], info["version"]) == ("torch_ucp", 2, 1)
+    assert (info["format"], info["world_size"], info["version"]) == ("torch_ucp", 2, 2)
     assert list(info["tensors"]) == ["model.embed.weight", "model.proj.weight", "model.norm.weight"]
     assert list(info["values"]) == ["step"]
     assert info["tensors"]["model.embed.weight"]["fragments"] == 2
@@ -411,12 +411,13 @@ def test_builder_commit_overwrite_and_abort(tmp_path):
             b.add_tensor("w", torch.zeros(1))
     report = verify_checkpoint(url)
     assert report.ok and (report.tensors, report.values) == (2, 1)
-    meta = open_checkpoint(url).metadata
-    assert len(meta.data_objects()) == 2  # 120 bytes of w, then a new object (max 100)
-    assert all(o.startswith(f"data-{b.save_id}/00000-") for o in meta.data_objects())
-    stored = [f.data for t in meta.tensors.values() for f in t.fragments] + [
-        o.data for o in meta.objects.values()
+    ckpt = open_checkpoint(url)
+    stored = [f.data for fqn in ckpt.metadata.tensors for f in ckpt.fragments(fqn)] + [
+        v.data for v in ckpt.metadata.values.values()
     ]
+    objects = {s.object for s in stored}
+    assert len(objects) == 2  # 120 bytes of w, then a new object (max 100)
+    assert all(o.startswith(f"data-{b.save_id}/00000-") for o in objects)
     assert all(s.byte_offset % ITEM_ALIGNMENT == 0 for s in stored)  # as UCPWriter lays them out
     assert torch.equal(open_checkpoint(url).read("w"), torch.arange(30.0).reshape(5, 6).t())
 

@@ -1,15 +1,17 @@
-"""Corrupted checkpoints fail loudly: checksums, truncated / missing data objects, bad metadata.
+"""Corrupted checkpoints fail loudly: checksums, truncated / missing data objects, forged
+metadata.
 
 One checkpoint is saved per module (tensors of several dtypes, two of them over 1 MiB so they
 span several checksum blocks, plus non-tensor values). Every case corrupts a fresh copy and
 checks that both ``dcp.load`` (UCPReader + UCPLoadPlanner) and ``open_checkpoint().read``
-raise an error naming the data object (and, for checksum failures, the byte range), never
-returning wrong values.
+raise an error naming the damaged object (and, for checksum failures, the byte range), never
+returning wrong values. Metadata edits are forged the way a tool could (header and index
+re-signed, ``tests/support/format_v2.py``), so only the data checksums and the structural
+checks can catch them; unsigned edits are refused earlier (tests/test_metadata_integrity.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,11 +19,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from tests.support import format_v2 as spec
 from torch_ucp import (
     CorruptCheckpointError,
     UCPLoadPlanner,
@@ -79,36 +83,26 @@ def base(tmp_path_factory) -> str:
         # one data object per item (threads >= items), so each corruption hits one tensor
         dcp.save(_state(), storage_writer=UCPWriter(path, threads=16), planner=UCPSavePlanner(),
                  no_dist=True)
-    meta = _meta(path)
-    assert meta["checksum"]["block_bytes"] == MiB
-    assert len(meta["tensors"]["model.big_w"]["fragments"][0]["checksums"]) == 3
+    assert spec.read_header(path)["checksum"]["block_bytes"] == MiB
+    assert len(_stored(path, "model.big_w")["checksums"]) == 3
     # the corrupted large tensors each own their data object, so the first error is theirs
-    objects = {fqn: e["fragments"][0]["object"] for fqn, e in meta["tensors"].items()} | {
-        fqn: e["object"] for fqn, e in meta["objects"].items()
-    }
+    ckpt = open_checkpoint(path)
+    objects = {fqn: _stored(path, fqn)["object"] for fqn in ckpt.keys()}
     for fqn in ("model.big_w", "model.ids"):
         assert list(objects.values()).count(objects[fqn]) == 1, objects
     return path
 
 
-def _meta(path: str) -> dict:
-    with open(os.path.join(path, ".metadata")) as f:
-        return json.load(f)
+def _stored(path: str, fqn: str) -> dict:
+    """Where ``fqn``'s (first fragment's) bytes are."""
+    ckpt = open_checkpoint(path)
+    data = ckpt.metadata.values[fqn].data if fqn in ckpt.metadata.values else ckpt.fragments(fqn)[0].data
+    return {"object": data.object, "byte_offset": data.byte_offset, "byte_length": data.byte_length,
+            "checksums": list(data.checksums)}
 
 
-def _write_meta(path: str, meta: dict) -> None:
-    with open(os.path.join(path, ".metadata"), "w") as f:
-        json.dump(meta, f)
-
-
-def _stored(meta: dict, fqn: str) -> dict:
-    if fqn in meta["tensors"]:
-        return meta["tensors"][fqn]["fragments"][0]
-    return meta["objects"][fqn]
-
-
-def _object_path(path: str, meta: dict, fqn: str) -> str:
-    return os.path.join(path, meta["data_objects"][_stored(meta, fqn)["object"]])
+def _object_path(path: str, fqn: str) -> str:
+    return os.path.join(path, _stored(path, fqn)["object"])
 
 
 def _flip(path: str, pos: int, mask: int = 0xFF) -> None:
@@ -137,10 +131,9 @@ class Case:
 
 def _flip_at(fqn: str, where: Callable[[int], int], mask: int = 0xFF) -> Callable[[str], Damage]:
     def corrupt(path: str) -> Damage:
-        meta = _meta(path)
-        s = _stored(meta, fqn)
+        s = _stored(path, fqn)
         pos = s["byte_offset"] + where(s["byte_length"])
-        obj = _object_path(path, meta, fqn)
+        obj = _object_path(path, fqn)
         _flip(obj, pos, mask)
         return Damage(obj, pos)
 
@@ -149,9 +142,8 @@ def _flip_at(fqn: str, where: Callable[[int], int], mask: int = 0xFF) -> Callabl
 
 def _truncate(fqn: str) -> Callable[[str], Damage]:
     def corrupt(path: str) -> Damage:
-        meta = _meta(path)
-        s = _stored(meta, fqn)
-        obj = _object_path(path, meta, fqn)
+        s = _stored(path, fqn)
+        obj = _object_path(path, fqn)
         os.truncate(obj, s["byte_offset"] + s["byte_length"] // 2)
         return Damage(obj)
 
@@ -160,37 +152,71 @@ def _truncate(fqn: str) -> Callable[[str], Damage]:
 
 def _delete(fqn: str) -> Callable[[str], Damage]:
     def corrupt(path: str) -> Damage:
-        obj = _object_path(path, _meta(path), fqn)
+        obj = _object_path(path, fqn)
         os.remove(obj)
         return Damage(obj)
 
     return corrupt
 
 
-def _edit_meta(fqn: str, edit: Callable[[dict, dict], None]) -> Callable[[str], Damage]:
+def _forge_index(fqn: str, edit: Callable[[dict, int], None], *, data: bool = False) -> Callable[[str], Damage]:
+    """Edit ``fqn``'s row in its writer's index and re-sign index and header; the error must
+    name the index (or, with ``data``, the data object whose checksum now fails)."""
+
     def corrupt(path: str) -> Damage:
-        meta = _meta(path)
-        obj = _object_path(path, meta, fqn)
-        entry = meta["tensors"].get(fqn) or meta["objects"][fqn]
-        edit(entry, _stored(meta, fqn))
-        _write_meta(path, meta)
-        return Damage(obj)
+        obj = _object_path(path, fqn)
+        header = spec.read_header(path)
+        for rank in header["indexes"]["ranks"]:
+            index = spec.read_index(path, header, rank)
+            rows = np.flatnonzero(index["tensor_key"] == spec.tensor_key(fqn))
+            if len(rows):
+                edit(index, int(rows[0]))
+                spec.write_index(path, header, index)
+                spec.write_header(path, header)
+                return Damage(obj if data else os.path.join(path, spec.index_name(header, rank)))
+        raise AssertionError(fqn)
 
     return corrupt
 
 
-def _set(key: str, value) -> Callable[[dict, dict], None]:
-    def edit(entry: dict, stored: dict) -> None:
-        if key == "dtype":
-            entry["dtype"] = value
-        else:
-            stored[key] = value(stored[key])
+def _forge_header(fqn: str, edit: Callable[[dict], None], damaged: Callable[[str], str]) -> Callable[[str], Damage]:
+    """Edit ``fqn``'s header entry and re-sign the header; ``damaged`` names what the error
+    must name."""
+
+    def corrupt(path: str) -> Damage:
+        name = damaged(path)
+        header = spec.read_header(path)
+        edit(header["tensors"].get(fqn) or header["values"][fqn])
+        spec.write_header(path, header)
+        return Damage(name)
+
+    return corrupt
+
+
+def _index_of(fqn: str) -> Callable[[str], str]:
+    def name(path: str) -> str:
+        header = spec.read_header(path)
+        for rank in header["indexes"]["ranks"]:
+            if (spec.read_index(path, header, rank)["tensor_key"] == spec.tensor_key(fqn)).any():
+                return os.path.join(path, spec.index_name(header, rank))
+        raise AssertionError(fqn)
+
+    return name
+
+
+def _shorter(index: dict, row: int) -> None:
+    index["byte_length"][row] -= 4
+
+
+def _bad_second_checksum(index: dict, row: int) -> None:
+    index["checksums"][spec.checksum_slices(index)[row]][1:2] ^= 0x1
+
+
+def _set(key: str, value):
+    def edit(entry: dict) -> None:
+        entry[key] = value(entry[key]) if callable(value) else value
 
     return edit
-
-
-def _bad_second_checksum(entry: dict, stored: dict) -> None:
-    stored["checksums"][1] ^= 0x1
 
 
 CASES = [
@@ -204,26 +230,24 @@ CASES = [
     Case("flip-value-bytes", "blob", _flip_at("blob", lambda n: 10), True),
     Case("truncate-object", "model.big_w", _truncate("model.big_w"), False),
     Case("delete-object", "model.ids", _delete("model.ids"), False),
-    Case(
-        "meta-byte-length",
-        "model.big_w",
-        _edit_meta("model.big_w", _set("byte_length", lambda n: n - 4)),
-        False,
-    ),
+    Case("meta-byte-length", "model.big_w", _forge_index("model.big_w", _shorter), False),
     Case(
         "meta-dtype-wider",
         "model.big_w",
-        _edit_meta("model.big_w", _set("dtype", "float64")),
+        _forge_header("model.big_w", _set("dtype", "float64"), _index_of("model.big_w")),
         False,
     ),
     Case(
-        "meta-dtype-narrower", "model.ids", _edit_meta("model.ids", _set("dtype", "int32")), False
+        "meta-dtype-narrower",
+        "model.ids",
+        _forge_header("model.ids", _set("dtype", "int32"), _index_of("model.ids")),
+        False,
     ),
-    Case("meta-checksum", "model.big_w", _edit_meta("model.big_w", _bad_second_checksum), True),
+    Case("meta-checksum", "model.big_w", _forge_index("model.big_w", _bad_second_checksum, data=True), True),
     Case(
         "meta-value-byte-length",
         "run_name",
-        _edit_meta("run_name", _set("byte_length", lambda n: n - 1)),
+        _forge_header("run_name", _set("byte_length", lambda n: n - 1), lambda p: _object_path(p, "run_name")),
         True,
     ),
 ]
@@ -312,7 +336,7 @@ def test_verify_false_loads_the_flipped_byte(damaged):
     assert not torch.equal(got, saved)
     # exactly one element (the one holding the flipped byte) differs, bit for bit
     differs = (got.view(torch.int32) != saved.view(torch.int32)).nonzero()
-    stored = _stored(_meta(path), case.fqn)
+    stored = _stored(path, case.fqn)
     element = (damage.byte - stored["byte_offset"]) // 4
     assert differs.tolist() == [[element // 1000, element % 1000]]
     for k, v in _model().items():
@@ -329,7 +353,7 @@ def test_verify_false_loads_the_flipped_byte(damaged):
 )
 def test_verify_full_catches_flip_in_a_partial_read(damaged):
     path, case, damage = damaged
-    stored = _stored(_meta(path), case.fqn)
+    stored = _stored(path, case.fqn)
     row = (damage.byte - stored["byte_offset"]) // 4 // 1000
     saved = _model()["big_w"]
     # a row far from the flipped one reads correctly

@@ -1,4 +1,6 @@
-"""The on-disk format: plain JSON metadata, raw little-endian data objects, version checks.
+"""The on-disk format, version 2, checked against docs/FORMAT.md by an independent reader
+(``tests/support/format_v2.py``): a self-checksummed JSON header, one binary fragment index per
+writer rank, raw little-endian data objects; version checks and malformed headers.
 
 Single process, local disk. Every tensor comparison is bit-exact.
 """
@@ -12,14 +14,17 @@ import re
 import shutil
 import warnings
 
+import crc32c
 import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from tests.support import format_v2 as spec
 from torch_ucp import (
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     UCPLoadPlanner,
     UCPReader,
     UCPSavePlanner,
@@ -27,19 +32,7 @@ from torch_ucp import (
     UnsupportedFormatError,
     open_checkpoint,
 )
-from torch_ucp.metadata import (
-    FORMAT_VERSION,
-    METADATA_FILE,
-    CheckpointMetadata,
-    Fragment,
-    MeshInfo,
-    ObjectEntry,
-    PlacementInfo,
-    StoredBytes,
-    TensorEntry,
-    decode_metadata,
-    encode_metadata,
-)
+from torch_ucp.metadata import FORMAT_VERSION, METADATA_FILE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -112,154 +105,73 @@ def _read_metadata_bytes(path: str) -> bytes:
         return f.read()
 
 
-# -- codec -------------------------------------------------------------------------------------
+# -- what is on disk ----------------------------------------------------------------------------
 
 
-def test_codec_round_trip_of_saved_metadata(ckpt):
+def _fragments(path: str) -> dict[str, list[dict]]:
+    """Every fragment row, per tensor, decoded by the independent reader."""
+    header = spec.read_header(path)
+    by_key = {spec.tensor_key(fqn): fqn for fqn in header["tensors"]}
+    out: dict[str, list[dict]] = {fqn: [] for fqn in header["tensors"]}
+    for rank in header["indexes"]["ranks"]:
+        index = spec.read_index(path, header, rank)
+        for i, span in enumerate(spec.checksum_slices(index)):
+            fqn = by_key[int(index["tensor_key"][i])]
+            ndim = len(header["tensors"][fqn]["shape"])
+            out[fqn].append({
+                "object": index["names"][int(index["object"][i])],
+                "byte_offset": int(index["byte_offset"][i]),
+                "byte_length": int(index["byte_length"][i]),
+                "offsets": index["offsets"][i, :ndim].tolist(),
+                "lengths": index["lengths"][i, :ndim].tolist(),
+                "checksums": index["checksums"][span].tolist(),
+                "rank": rank,
+            })
+    return out
+
+
+def test_header_is_self_checksummed_json_not_pickle(ckpt):
     raw = _read_metadata_bytes(ckpt)
-    meta = decode_metadata(raw, "test")
-    again = decode_metadata(encode_metadata(meta), "test")
-    assert again == meta
-    # field by field, so a failure says which one broke
-    for field in (
-        "save_id",
-        "world_size",
-        "meshes",
-        "flatten_mapping",
-        "checksum_algorithm",
-        "checksum_block_bytes",
-        "patterns",
-        "torch_version",
-        "created",
-        "version",
-    ):
-        assert getattr(again, field) == getattr(meta, field), field
-    assert list(again.tensors) == list(meta.tensors)
-    for fqn, t in meta.tensors.items():
-        u = again.tensors[fqn]
-        assert (u.fqn, u.dtype, u.shape, u.mesh, u.placements) == (
-            t.fqn,
-            t.dtype,
-            t.shape,
-            t.mesh,
-            t.placements,
-        )
-        assert u.fragments == t.fragments
-    assert again.objects == meta.objects
-    # the writer used the same codec: re-encoding is byte-identical
-    assert encode_metadata(meta) == raw
-
-
-def test_saved_metadata_describes_the_state(ckpt):
-    meta = decode_metadata(_read_metadata_bytes(ckpt))
-    tensors = _tensors()
-    assert meta.version == FORMAT_VERSION
-    assert meta.world_size == 1
-    assert meta.torch_version == torch.__version__
-    assert set(meta.tensors) == set(tensors)
-    assert set(meta.objects) == {"step", "name", "blob", "cfg.lr", "cfg.betas"}
-    assert meta.flatten_mapping["cfg.betas"] == ["cfg", "betas"]
-    for fqn, t in tensors.items():
-        entry = meta.tensors[fqn]
-        assert entry.dtype == t.dtype
-        assert entry.shape == tuple(t.shape)
-        assert entry.mesh is None and entry.placements is None
-        (frag,) = entry.fragments
-        assert frag.offsets == (0,) * t.dim()
-        assert frag.lengths == tuple(t.shape)
-        assert frag.data.byte_length == t.numel() * t.element_size()
-        assert frag.data.object.startswith(f"data-{meta.save_id}/")
-        assert len(frag.data.checksums) == max(
-            1, -(-frag.data.byte_length // meta.checksum_block_bytes)
-        )
-    assert meta.objects["blob"].encoding == "raw"
-    assert meta.objects["step"].encoding == "json"
-
-
-def test_codec_round_trip_with_every_optional_field():
-    meta = CheckpointMetadata(
-        save_id="20250101T000000-abcdef01",
-        world_size=4,
-        tensors={
-            "w": TensorEntry(
-                fqn="w",
-                dtype=torch.bfloat16,
-                shape=(8, 6),
-                fragments=[
-                    Fragment(
-                        offsets=(0, 0),
-                        lengths=(4, 6),
-                        data=StoredBytes("data-x/00000-0.bin", 0, 48, (1, 2)),
-                        rank=0,
-                        coordinate=(0, 0),
-                    ),
-                    Fragment(
-                        offsets=(4, 0),
-                        lengths=(4, 6),
-                        data=StoredBytes("data-x/00002-0.bin", 16, 48, (3,)),
-                        rank=2,
-                        coordinate=(1, 0),
-                    ),
-                ],
-                mesh=0,
-                placements=(
-                    PlacementInfo("strided_shard", 0, 2),
-                    PlacementInfo("shard", 0),
-                ),
-            ),
-            "r": TensorEntry(
-                fqn="r",
-                dtype=torch.int32,
-                shape=(),
-                fragments=[Fragment((), (), StoredBytes("data-x/00000-0.bin", 48, 4, (9,)), 0)],
-                mesh=1,
-                placements=(PlacementInfo("replicate"),),
-            ),
-        },
-        objects={
-            "step": ObjectEntry("step", "json", StoredBytes("data-x/00000-0.bin", 52, 2, (7,)), 0)
-        },
-        meshes=[MeshInfo((2, 2), ("dp", "tp")), MeshInfo((4,), None)],
-        flatten_mapping={"w": ["w"], "r": ["r"], "step": ["step"]},
-        checksum_algorithm="crc32",
-        checksum_block_bytes=4096,
-        patterns=[{"kind": "rename", "from": "a", "to": "b"}],
-        torch_version="2.13.0",
-        created=1700000000.5,
-    )
-    encoded = encode_metadata(meta)
-    assert json.loads(encoded)["data_objects"] == ["data-x/00000-0.bin", "data-x/00002-0.bin"]
-    assert decode_metadata(encoded) == meta
-
-
-# -- plain JSON, raw bytes -----------------------------------------------------------------------
-
-
-def test_metadata_is_plain_json_not_pickle(ckpt):
-    raw = _read_metadata_bytes(ckpt)
-    assert raw[:1] == b"{"
+    assert raw.startswith(b'{"header_crc32c":"') and raw[26:28] == b'",'
+    assert int(raw[18:26], 16) == crc32c.crc32c(raw[28:])
     d = json.loads(raw)
-    assert d["format"] == "torch_ucp"
-    assert d["version"] == FORMAT_VERSION
+    assert (d["format"], d["version"]) == ("torch_ucp", FORMAT_VERSION) == ("torch_ucp", 2)
     assert set(d["tensors"]) == set(_tensors())
+    assert d["tensors"]["f32"] == {"dtype": "float32", "shape": [37, 29], "fragments": 1, "writers": [0]}
     with pytest.raises(pickle.UnpicklingError):
         pickle.loads(raw)
 
 
-def test_checkpoint_folder_has_metadata_file(ckpt):
-    # TorchTitan finds checkpoints with exactly this test
+def test_independent_reader_agrees_with_torch_ucp(ckpt):
+    on_disk = _fragments(ckpt)
+    ckpt_ = open_checkpoint(ckpt)
+    for fqn in _tensors():
+        got = [(f.data.object, f.data.byte_offset, f.data.byte_length, list(f.offsets), list(f.lengths),
+                list(f.data.checksums), f.rank) for f in ckpt_.fragments(fqn)]
+        want = [(r["object"], r["byte_offset"], r["byte_length"], r["offsets"], r["lengths"],
+                 r["checksums"], r["rank"]) for r in on_disk[fqn]]
+        assert got == want, fqn
+        for frag in on_disk[fqn]:  # block checksums of the stored bytes, as specified
+            with open(os.path.join(ckpt, frag["object"]), "rb") as f:
+                f.seek(frag["byte_offset"])
+                data = f.read(frag["byte_length"])
+            assert frag["checksums"] == [crc32c.crc32c(data[i : i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+            assert frag["byte_offset"] % 64 == 0
+
+
+def test_checkpoint_folder_layout(ckpt):
+    # TorchTitan finds checkpoints by a step folder's .metadata
     assert os.path.isfile(os.path.join(ckpt, ".metadata"))
-    entries = sorted(os.listdir(ckpt))
-    save_id = json.loads(_read_metadata_bytes(ckpt))["save_id"]
-    assert entries == [".metadata", f"data-{save_id}"]
+    save_id = spec.read_header(ckpt)["save_id"]
+    assert sorted(os.listdir(ckpt)) == [".metadata", f"data-{save_id}"]
+    data = sorted(os.listdir(os.path.join(ckpt, f"data-{save_id}")))
+    assert "00000.idx" in data and all(re.fullmatch(r"00000(-\d+\.bin|\.idx)", n) for n in data), data
 
 
 @pytest.mark.parametrize("fqn", ["f32", "bf16", "i64", "mask", "f32_t", "scalar"])
 def test_data_objects_hold_raw_c_contiguous_little_endian_bytes(ckpt, fqn):
-    d = json.loads(_read_metadata_bytes(ckpt))
-    (frag,) = d["tensors"][fqn]["fragments"]
-    path = os.path.join(ckpt, d["data_objects"][frag["object"]])
-    with open(path, "rb") as f:
+    (frag,) = _fragments(ckpt)[fqn]
+    with open(os.path.join(ckpt, frag["object"]), "rb") as f:
         f.seek(frag["byte_offset"])
         data = f.read(frag["byte_length"])
     saved = _tensors()[fqn]
@@ -279,13 +191,13 @@ def test_data_objects_hold_raw_c_contiguous_little_endian_bytes(ckpt, fqn):
 
 
 def test_raw_bytes_value_stored_verbatim(ckpt):
-    d = json.loads(_read_metadata_bytes(ckpt))
-    entry = d["objects"]["blob"]
-    with open(os.path.join(ckpt, d["data_objects"][entry["object"]]), "rb") as f:
+    values = spec.read_header(ckpt)["values"]
+    entry = values["blob"]
+    with open(os.path.join(ckpt, entry["object"]), "rb") as f:
         f.seek(entry["byte_offset"])
         assert f.read(entry["byte_length"]) == b"\x00\x01\xfe\xffraw"
-    entry = d["objects"]["cfg.betas"]
-    with open(os.path.join(ckpt, d["data_objects"][entry["object"]]), "rb") as f:
+    entry = values["cfg.betas"]
+    with open(os.path.join(ckpt, entry["object"]), "rb") as f:
         f.seek(entry["byte_offset"])
         assert json.loads(f.read(entry["byte_length"])) == [0.9, 0.95]
 
@@ -309,9 +221,9 @@ def _write_metadata(path: str, data: bytes) -> None:
 
 
 def _future_version(path: str) -> str:
-    d = json.loads(_read_metadata_bytes(path))
+    d = spec.read_header(path)
     d["version"] = 99
-    _write_metadata(path, json.dumps(d).encode())
+    spec.write_header(path, d)
     return os.path.join(path, METADATA_FILE)
 
 
@@ -392,37 +304,30 @@ def test_stock_filesystem_reader_cannot_read_ucp_metadata(ckpt):
 
 
 def _mutate(path: str, edit) -> None:
-    d = json.loads(_read_metadata_bytes(path))
+    """Edit the header and re-sign it: only its structure can catch the edit."""
+    d = spec.read_header(path)
     edit(d)
-    _write_metadata(path, json.dumps(d).encode())
-
-
-def _first_fragment(d: dict) -> dict:
-    return d["tensors"]["f32"]["fragments"][0]
+    spec.write_header(path, d)
 
 
 @pytest.mark.parametrize(
     "edit",
     [
-        pytest.param(lambda d: _first_fragment(d).__setitem__("object", 99), id="object-index"),
         pytest.param(lambda d: d["tensors"]["f32"].__setitem__("dtype", "float128"), id="dtype"),
         pytest.param(lambda d: d["tensors"]["f32"].__setitem__("shape", None), id="shape-none"),
+        pytest.param(lambda d: d["tensors"]["f32"].__setitem__("shape", [-1, 29]), id="shape-negative"),
         pytest.param(lambda d: d["tensors"]["f32"].__setitem__("fragments", "x"), id="fragments"),
+        pytest.param(lambda d: d["tensors"]["f32"].__setitem__("writers", [7]), id="writer-not-a-rank"),
+        pytest.param(lambda d: d["tensors"]["f32"].__setitem__("mesh", 0), id="mesh-without-meshes"),
         pytest.param(lambda d: d.__setitem__("checksum", None), id="checksum"),
         pytest.param(lambda d: d.__setitem__("version", 1.0), id="version-float"),
         pytest.param(lambda d: d.pop("save_id"), id="no-save-id"),
-        pytest.param(
-            lambda d: d.__setitem__("tensors", []),
-            id="tensors-list",
-        ),
-        pytest.param(
-            lambda d: d.__setitem__("objects", []),
-            id="objects-list",
-        ),
-        pytest.param(
-            lambda d: d.__setitem__("version", True),
-            id="version-true",
-        ),
+        pytest.param(lambda d: d.__setitem__("save_id", "../x"), id="save-id-path"),
+        pytest.param(lambda d: d.__setitem__("tensors", []), id="tensors-list"),
+        pytest.param(lambda d: d.__setitem__("values", []), id="values-list"),
+        pytest.param(lambda d: d["indexes"]["bytes"].append(3), id="indexes-ragged"),
+        pytest.param(lambda d: d["values"]["step"].__setitem__("object", "/etc/passwd"), id="value-object"),
+        pytest.param(lambda d: d.__setitem__("version", True), id="version-true"),
     ],
 )
 def test_malformed_metadata_is_unsupported_format(ckpt_copy, edit):
@@ -433,12 +338,12 @@ def test_malformed_metadata_is_unsupported_format(ckpt_copy, edit):
 
 
 @pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "data-x/../../y.bin", "a//b"])
-def test_data_object_names_must_stay_inside_the_checkpoint(tmp_path, name):
-    path = tmp_path / "ckpt"
-    dcp.save({"w": torch.ones(3)}, storage_writer=UCPWriter(str(path)), planner=UCPSavePlanner(),
-             no_dist=True)
-    meta = json.loads((path / ".metadata").read_text())
-    meta["data_objects"][0] = name
-    (path / ".metadata").write_text(json.dumps(meta))
-    with pytest.raises(UnsupportedFormatError, match="not a relative path inside the checkpoint"):
-        open_checkpoint(str(path))
+def test_data_object_names_must_stay_inside_the_checkpoint(ckpt_copy, name):
+    header = spec.read_header(ckpt_copy)
+    index = spec.read_index(ckpt_copy, header, 0)
+    index["names"][0] = name
+    spec.write_index(ckpt_copy, header, index)
+    spec.write_header(ckpt_copy, header)
+    with pytest.raises(CorruptCheckpointError, match="not a relative path inside the checkpoint") as e:
+        open_checkpoint(ckpt_copy).read("f32")
+    assert "00000.idx" in str(e.value)

@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from torch_ucp import UCPSavePlanner
+from torch_ucp.metadata.provenance import SaveInfo
 from torch_ucp.planner.plan_table import LocalPlanTable, WriterAssignment
-from torch_ucp.planner.provenance import SaveInfo
 
 
 def _local_plans(states: list[dict]) -> tuple[list[UCPSavePlanner], list[SavePlan]]:
@@ -76,9 +76,9 @@ def test_replicated_fragments_balance_bytes_over_holders():
     per_rank = [int(p.planner_data.keep.sum()) for p in new_plans]
     assert sum(per_rank) == 8 and min(per_rank) >= 2
     loads = [0, 0, 0]
-    info = SaveInfo.from_planner_data(metadata.planner_data)
+    layout = metadata.planner_data.layout  # what UCPWriter commits
     for name in state:
-        (writer,) = info.tensors[name]["ranks"]
+        (writer,) = layout.tensors[name].writers
         loads[writer] += state[name].numel()
     assert max(loads) - min(loads) <= 8000  # largest-first greedy: within one item
 
@@ -95,8 +95,10 @@ def test_sharded_items_from_many_ranks_are_sorted_and_attributed():
     new_plans, metadata = _global(plans)
     chunks = metadata.state_dict_metadata["w"].chunks
     assert [tuple(c.offsets) for c in chunks] == [(lo, 0) for lo, _ in bounds]
-    info = SaveInfo.from_planner_data(metadata.planner_data)
+    stock = pickle.loads(pickle.dumps(metadata.planner_data))  # as a stock writer records it
+    info = SaveInfo.from_planner_data(stock)
     assert info.tensors["w"]["ranks"] == [world - 1 - i for i in range(world)]
+    assert metadata.planner_data.layout.tensors["w"].writers == tuple(range(world))
     assert sum(int(p.planner_data.keep[1]) for p in new_plans) == 1  # "r" written once
 
 

@@ -95,7 +95,7 @@ def test_s3_corruption_detected(s3_bucket):
     dcp.save({"w": reference("w_even")}, storage_writer=UCPWriter(path, **options),
              planner=UCPSavePlanner(), no_dist=True)
     ckpt = open_checkpoint(path, **options)
-    obj = ckpt.metadata.tensors["w"].fragments[0].data.object
+    obj = ckpt.fragments("w")[0].data.object
     fs = ckpt.store.fs
     blob = bytearray(fs.cat_file(ckpt.store.path(obj)))
     blob[len(blob) // 2] ^= 0xFF

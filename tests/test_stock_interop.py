@@ -18,7 +18,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from tests.support.matrix import load_layouts, save_layouts, state_for
 from torch_ucp import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.demo.launch import run_distributed
-from torch_ucp.planner.provenance import UCP_KEY
+from torch_ucp.metadata.provenance import UCP_KEY
 
 
 def _save_stock(base: str, layouts: list[str], use_ucp_planner: bool) -> None:

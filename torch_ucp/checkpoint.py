@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from torch_ucp.errors import CheckpointError
+from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
 from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
-from torch_ucp.planner.boxes import BoxIndex, intersect
-from torch_ucp.storage.reader import load_metadata, read_object
+from torch_ucp.planner.boxes import intersect
+from torch_ucp.storage.reader import open_catalog, read_object
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
 from torch_ucp.storage.store import Store
 
@@ -52,22 +52,27 @@ def _normalize_index(index: Index, shape: tuple[int, ...], fqn: str) -> tuple[li
 class Checkpoint:
     """A committed torch_ucp checkpoint opened for reading in a plain process.
 
-    Obtained from :func:`open_checkpoint`. ``read`` fetches only the bytes of the requested
-    region. ``stats`` accumulates bytes read and needed.
+    Obtained from :func:`open_checkpoint`. Opening reads only the header: ``keys``, ``shape``
+    and ``dtype`` need nothing more, and ``read`` fetches the fragment indexes and then the
+    bytes of the requested region only. ``stats`` accumulates bytes read and needed.
     """
 
-    def __init__(self, store: Store, metadata: CheckpointMetadata, *, verify: bool | str = True):
+    def __init__(self, store: Store, catalog: FragmentCatalog, *, verify: bool | str = True):
         self.store = store
-        self.metadata = metadata
+        self.catalog = catalog
         self.verify = verify
         self.stats = ReadStats()
         self._reader = FragmentReader(
             store,
             verify=verify,
-            checksum_algorithm=metadata.checksum_algorithm,
-            block_bytes=metadata.checksum_block_bytes,
+            checksum_algorithm=catalog.meta.checksum_algorithm,
+            block_bytes=catalog.meta.checksum_block_bytes,
         )
-        self._indexes: dict[str, BoxIndex] = {}
+
+    @property
+    def metadata(self) -> CheckpointMetadata:
+        """The decoded header."""
+        return self.catalog.meta
 
     @property
     def url(self) -> str:
@@ -75,23 +80,29 @@ class Checkpoint:
 
     def keys(self) -> list[str]:
         """Every FQN, tensors and non-tensor values, in saved order."""
-        return [*self.metadata.tensors, *self.metadata.objects]
+        return [*self.metadata.tensors, *self.metadata.values]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
     def __contains__(self, fqn: object) -> bool:
-        return fqn in self.metadata.tensors or fqn in self.metadata.objects
+        return fqn in self.metadata.tensors or fqn in self.metadata.values
 
     def __len__(self) -> int:
-        return len(self.metadata.tensors) + len(self.metadata.objects)
+        return len(self.metadata.tensors) + len(self.metadata.values)
 
     def tensor_entry(self, fqn: str) -> TensorEntry:
         try:
             return self.metadata.tensors[fqn]
         except KeyError:
-            kind = "a non-tensor value" if fqn in self.metadata.objects else "not in the checkpoint"
+            kind = "a non-tensor value" if fqn in self.metadata.values else "not in the checkpoint"
             raise KeyError(f"{fqn!r} is {kind} ({self.url})") from None
+
+    def fragments(self, fqn: str) -> list[Fragment]:
+        """Every fragment of tensor ``fqn`` (boxes, data objects, byte ranges, writer ranks),
+        checked to tile the tensor exactly; reads the fragment indexes that hold them."""
+        entry = self.tensor_entry(fqn)
+        return self.catalog.fragments_for(fqn, (0,) * len(entry.shape), entry.shape)
 
     def shape(self, fqn: str) -> torch.Size:
         return torch.Size(self.tensor_entry(fqn).shape)
@@ -105,10 +116,10 @@ class Checkpoint:
         ``index`` is an int, a step-1 slice or a tuple of them, as in ``t[index]``. ``out``, if
         given, receives the region (cast to its dtype) and is returned.
         """
-        if fqn in self.metadata.objects:
+        if fqn in self.metadata.values:
             if index is not None:
                 raise IndexError(f"{fqn!r} is a non-tensor value and cannot be sliced")
-            return read_object(self.store, self.metadata.objects[fqn], self.metadata, bool(self.verify))
+            return read_object(self.store, self.metadata.values[fqn], self.metadata, bool(self.verify))
         entry = self.tensor_entry(fqn)
         offsets, lengths, squeeze = _normalize_index(index, entry.shape, fqn)
         if out is None:
@@ -117,14 +128,8 @@ class Checkpoint:
             if out.numel() != torch.Size(lengths).numel():
                 raise ValueError(f"{fqn}: out has {out.numel()} elements, region has shape {lengths}")
             region = out.view(lengths)
-        index_ = self._indexes.get(fqn)
-        if index_ is None:
-            index_ = self._indexes[fqn] = BoxIndex(
-                [f.offsets for f in entry.fragments], [f.lengths for f in entry.fragments], len(entry.shape)
-            )
         reads = []
-        for i in index_.overlapping(offsets, lengths):
-            f = entry.fragments[i]
+        for f in self.catalog.fragments_for(fqn, offsets, lengths) if region.numel() else ():
             hit = intersect(offsets, lengths, f.offsets, f.lengths)
             if hit is None:
                 continue
@@ -154,7 +159,7 @@ class Checkpoint:
         gib = self.metadata.total_tensor_bytes / 2**30
         return (
             f"Checkpoint({self.url!r}, {len(self.metadata.tensors)} tensors, "
-            f"{len(self.metadata.objects)} values, {gib:.3f} GiB)"
+            f"{len(self.metadata.values)} values, {gib:.3f} GiB)"
         )
 
 
@@ -170,8 +175,4 @@ def open_checkpoint(
         rows = ckpt.read("model.tok_embeddings.weight", (slice(0, 16),))
     """
     store = Store(url, storage_options)
-    try:
-        metadata = load_metadata(store)
-    except CheckpointError:
-        raise
-    return Checkpoint(store, metadata, verify=verify)
+    return Checkpoint(store, open_catalog(store), verify=verify)

@@ -100,3 +100,9 @@ def max_staging_bytes() -> int:
     """Bound of the host memory an async save stages into, per process (0: no bound).
     A larger state is staged in part and the writer copies the rest while the caller waits."""
     return _env_int("MAX_STAGING_BYTES", 0)
+
+
+def max_metadata_bytes() -> int:
+    """Largest ``.metadata`` header torch_ucp parses (checked before reading it whole): a
+    bound on memory for damaged or hostile checkpoints. 256 MiB holds ~2M tensors."""
+    return _env_int("MAX_METADATA_BYTES", 256 << 20)

@@ -1,17 +1,19 @@
-"""Check a committed checkpoint end to end: metadata, coverage, object sizes, every checksum."""
+"""Check a committed checkpoint end to end: header and index checksums, exact tiling of every
+tensor, fragment counts, object sizes, every data checksum, every value."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from torch_ucp.errors import CheckpointError
-from torch_ucp.metadata.schema import CheckpointMetadata
-from torch_ucp.storage.reader import load_metadata, read_object
+from torch_ucp.metadata.catalog import FragmentCatalog
+from torch_ucp.metadata.tiling import tiling_problem
+from torch_ucp.storage.reader import open_catalog, read_object
 from torch_ucp.storage.reading import BoxRead, FragmentReader
 from torch_ucp.storage.store import Store
 
@@ -34,15 +36,19 @@ class VerifyReport:
         return not self.problems
 
 
-def _coverage_problems(meta: CheckpointMetadata) -> list[str]:
+def _layout_problems(catalog: FragmentCatalog) -> list[str]:
+    """Every tensor tiled exactly by its fragments, with as many fragments as the header says."""
     problems = []
-    for fqn, t in meta.tensors.items():
-        covered = sum(f.numel for f in t.fragments)
-        total = math.prod(t.shape)
-        if covered != total and total != 0:
-            problems.append(
-                f"{fqn}: fragments cover {covered} of {total} elements of shape {list(t.shape)}"
-            )
+    rows = catalog.rows
+    for fqn, t in catalog.meta.tensors.items():
+        mine = catalog.rows_of(fqn)
+        if len(mine) != t.fragments:
+            problems.append(f"{fqn!r}: {len(mine)} fragments in the indexes, the header says {t.fragments}")
+        ndim = len(t.shape)
+        lo = rows.offsets[mine, :ndim]
+        problem = tiling_problem(lo, lo + rows.lengths[mine, :ndim], (0,) * ndim, t.shape)
+        if problem is not None:
+            problems.append(f"{fqn!r}: fragments do not tile shape {list(t.shape)}: {problem}")
     return problems
 
 
@@ -60,25 +66,30 @@ def verify_checkpoint(
     store = Store(url, storage_options)
     report = VerifyReport(url)
     try:
-        meta = load_metadata(store)
+        catalog = open_catalog(store)
+        catalog.require_all()
     except (CheckpointError, OSError) as e:
         report.problems.append(str(e))
         return report
-    report.problems.extend(_coverage_problems(meta))
+    meta = catalog.meta
+    report.problems.extend(_layout_problems(catalog))
+    rows = catalog.rows
+    names = sorted({rows.objects[i] for i in np.unique(rows.object).tolist()} | {v.data.object for v in meta.values.values()})
     sizes: dict[str, int] = {}
-    for name in sorted(meta.data_objects()):
+    for name in names:
         try:
             sizes[name] = int(store.fs.size(store.path(name)))
         except FileNotFoundError:
             report.problems.append(f"data object {store.describe(name)} is missing")
-    for t in meta.tensors.values():
-        for f in t.fragments:
-            end = f.data.byte_offset + f.data.byte_length
-            if f.data.object in sizes and end > sizes[f.data.object]:
-                report.problems.append(
-                    f"{t.fqn}: fragment at {list(f.offsets)} needs bytes up to {end} of "
-                    f"{store.describe(f.data.object)}, which has {sizes[f.data.object]}"
-                )
+    ends = rows.byte_offset + rows.byte_length
+    for i in range(len(rows)):
+        name = rows.objects[int(rows.object[i])]
+        if name in sizes and int(ends[i]) > sizes[name]:
+            f = catalog.fragment(i)
+            report.problems.append(
+                f"{catalog.names[int(rows.tensor[i])]}: fragment at {list(f.offsets)} needs bytes up to "
+                f"{int(ends[i])} of {store.describe(name)}, which has {sizes[name]}"
+            )
     reader = FragmentReader(
         store,
         verify="full",
@@ -103,30 +114,31 @@ def verify_checkpoint(
                     report.problems.append(str(e))
         batch, batch_bytes = [], 0
 
-    for t in meta.tensors.values():
-        report.tensors += 1
-        for f in t.fragments:
-            report.fragments += 1
-            if f.data.object not in sizes:
-                continue
-            batch.append(
-                BoxRead(
-                    name=t.fqn,
-                    data=f.data,
-                    dtype=t.dtype,
-                    fragment_offsets=f.offsets,
-                    fragment_shape=f.lengths,
-                    offsets=(0,) * len(f.lengths),
-                    lengths=f.lengths,
-                    dest=torch.empty(f.lengths, dtype=t.dtype),
-                )
+    report.tensors = len(meta.tensors)
+    for i in range(len(rows)):
+        report.fragments += 1
+        f = catalog.fragment(i)
+        if f.data.object not in sizes:
+            continue
+        t = catalog.entries[int(rows.tensor[i])]
+        batch.append(
+            BoxRead(
+                name=t.fqn,
+                data=f.data,
+                dtype=t.dtype,
+                fragment_offsets=f.offsets,
+                fragment_shape=f.lengths,
+                offsets=(0,) * len(f.lengths),
+                lengths=f.lengths,
+                dest=torch.empty(f.lengths, dtype=t.dtype),
             )
-            batch_bytes += f.data.byte_length
-            if batch_bytes >= _BATCH_BYTES:
-                flush()
+        )
+        batch_bytes += f.data.byte_length
+        if batch_bytes >= _BATCH_BYTES:
+            flush()
     if batch:
         flush()
-    for entry in meta.objects.values():
+    for entry in meta.values.values():
         report.values += 1
         if entry.data.object not in sizes:
             continue

@@ -21,8 +21,8 @@ from typing import Any
 
 from torch_ucp.cli.common import add_storage_arguments, storage_options
 from torch_ucp.interop.sources import CheckpointSource, TensorInfo, open_source, select_keys
-from torch_ucp.metadata.codec import placement_to_json
 from torch_ucp.metadata.dtypes import dtype_to_name
+from torch_ucp.metadata.fields import placement_to_json
 from torch_ucp.metadata.schema import MeshInfo
 
 
@@ -59,9 +59,9 @@ def _layout(t: TensorInfo) -> str:
     return f"mesh{_mesh(t.mesh)} [{', '.join(str(p) for p in t.placements)}]"
 
 
-def plural(n: int, word: str) -> str:
+def plural(n: int, word: str, many: str | None = None) -> str:
     """``"1 value"``, ``"2 values"``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
 
 
 def human_bytes(n: int | None) -> str:
@@ -135,6 +135,8 @@ def render_text(source: CheckpointSource, info: dict[str, Any]) -> str:
         facts.append(f"world size {info['world_size']}")
     if info["data_objects"] is not None:
         facts.append(plural(info["data_objects"], "data object"))
+    if info.get("indexes") is not None:
+        facts.append(plural(info["indexes"], "fragment index", "fragment indexes"))
     if info["torch_version"]:
         facts.append(f"torch {info['torch_version']}")
     if info["created"]:

@@ -49,11 +49,11 @@ from torch_ucp.errors import (
     CorruptCheckpointError,
     UnsupportedFormatError,
 )
-from torch_ucp.metadata.codec import placement_from_json
+from torch_ucp.metadata.fields import Fields
+from torch_ucp.metadata.provenance import SaveInfo
 from torch_ucp.metadata.schema import METADATA_FILE, MeshInfo, PlacementInfo
 from torch_ucp.planner.load_planner import UCPLoadPlanner
-from torch_ucp.planner.provenance import SaveInfo
-from torch_ucp.storage.reader import load_metadata
+from torch_ucp.storage.reader import open_catalog
 from torch_ucp.storage.store import Store
 
 __all__ = [
@@ -168,6 +168,7 @@ class CheckpointSource:
             "save_id": None,
             "world_size": None,
             "data_objects": None,
+            "indexes": None,
             "torch_version": None,
             "created": None,
         }
@@ -210,12 +211,12 @@ class UCPSource(CheckpointSource):
                 fqn,
                 t.dtype,
                 tuple(t.shape),
-                len(t.fragments),
+                t.fragments,
                 meta.meshes[t.mesh] if t.mesh is not None and t.mesh < len(meta.meshes) else None,
                 t.placements,
                 tuple(mapping[fqn]) if fqn in mapping else None,
             )
-        for fqn, o in meta.objects.items():
+        for fqn, o in meta.values.items():
             self.values[fqn] = ValueInfo(
                 fqn, o.encoding, o.data.byte_length, tuple(mapping[fqn]) if fqn in mapping else None
             )
@@ -238,7 +239,8 @@ class UCPSource(CheckpointSource):
             "version": meta.version,
             "save_id": meta.save_id,
             "world_size": meta.world_size,
-            "data_objects": len(meta.data_objects()),
+            "data_objects": None,
+            "indexes": len(meta.indexes) if meta.version >= 2 else None,
             "torch_version": meta.torch_version or None,
             "created": meta.created or None,
         }
@@ -284,7 +286,7 @@ class ReaderSource(CheckpointSource):
                     tuple(md.size),
                     len(md.chunks),
                     meshes[mesh_index] if mesh_index is not None and mesh_index < len(meshes) else None,
-                    tuple(placement_from_json(p) for p in placements) if placements else None,
+                    Fields(url).placements(placements, fqn) if placements else None,
                     path,
                 )
             elif isinstance(md, BytesStorageMetadata):
@@ -419,8 +421,8 @@ def open_source(
     if fmt == FORMAT_UCP:
         store = Store(url, options)
         with _errors(f"cannot read {store.describe(METADATA_FILE)}"):
-            meta = load_metadata(store)
-        return UCPSource(Checkpoint(store, meta, verify=verify))
+            catalog = open_catalog(store)
+        return UCPSource(Checkpoint(store, catalog, verify=verify))
     if fmt == FORMAT_DCP:
         if _is_remote(url):
             from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader

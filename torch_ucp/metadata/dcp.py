@@ -1,66 +1,120 @@
-"""Bridge from torch_ucp metadata to DCP's :class:`Metadata`, so DCP's load flow can plan on it."""
+"""DCP's :class:`Metadata` over a :class:`~torch_ucp.metadata.catalog.FragmentCatalog`, lazily.
+
+DCP's load flow asks the storage reader for a ``Metadata`` before any planning. torch_ucp's
+holds the header's tensor table (sizes, dtypes: no I/O) and makes a tensor's chunk list, which
+needs every fragment of the tensor, only when a planner asks for it: a stock
+``DefaultLoadPlanner`` does, per tensor; :class:`~torch_ucp.UCPLoadPlanner` never does (it asks
+the catalog, in ``storage_data``, for the fragments its boxes overlap).
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
-    MetadataIndex,
     StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
 )
 
-from torch_ucp.metadata.codec import placement_to_json
-from torch_ucp.metadata.schema import CheckpointMetadata, Fragment, ObjectEntry, TensorEntry
-from torch_ucp.planner.provenance import UCP_KEY
+from torch_ucp.metadata.catalog import FragmentCatalog
 
 
-def to_dcp_metadata(meta: CheckpointMetadata, checkpoint_id: str) -> Metadata:
-    """DCP metadata whose chunks are the fragments and whose ``storage_data`` maps each chunk's
-    :class:`MetadataIndex` to its :class:`TensorEntry` and :class:`Fragment` (or the value's
-    :class:`ObjectEntry`)."""
-    sd_meta: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-    storage: dict[MetadataIndex, tuple[TensorEntry, Fragment] | ObjectEntry] = {}
-    for fqn, t in meta.tensors.items():
-        sd_meta[fqn] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=t.dtype),
-            size=torch.Size(t.shape),
-            chunks=[
-                ChunkStorageMetadata(torch.Size(f.offsets), torch.Size(f.lengths))
-                for f in t.fragments
-            ],
-        )
-        for f in t.fragments:
-            storage[MetadataIndex(fqn, f.offsets)] = (t, f)
-    for fqn, o in meta.objects.items():
-        sd_meta[fqn] = BytesStorageMetadata()
-        storage[MetadataIndex(fqn)] = o
-    planner_data: dict[str, object] = {k: tuple(v) for k, v in meta.flatten_mapping.items()}
-    planner_data[UCP_KEY] = json.dumps(
-        {
-            "meshes": [
-                {"shape": list(m.shape), "dim_names": list(m.dim_names) if m.dim_names else None}
-                for m in meta.meshes
-            ],
-            "tensors": {
-                fqn: {
-                    "mesh": t.mesh,
-                    "placements": [placement_to_json(p) for p in t.placements or ()],
-                }
-                for fqn, t in meta.tensors.items()
-                if t.mesh is not None
-            },
-            "patterns": meta.patterns,
-        }
-    )
+class CatalogChunks(Sequence):
+    """A tensor's chunks (every fragment), fetched from the catalog on first access."""
+
+    def __init__(self, catalog: FragmentCatalog, fqn: str) -> None:
+        self._catalog, self._fqn = catalog, fqn
+        self._chunks: list[ChunkStorageMetadata] | None = None
+
+    def _all(self) -> list[ChunkStorageMetadata]:
+        if self._chunks is None:
+            self._catalog.require_tensor(self._fqn)
+            rows = self._catalog.rows_of(self._fqn)
+            ndim = len(self._catalog.entry(self._fqn).shape)
+            offsets = self._catalog.rows.offsets[rows, :ndim].tolist()
+            lengths = self._catalog.rows.lengths[rows, :ndim].tolist()
+            self._chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(n)) for o, n in zip(offsets, lengths)]
+        return self._chunks
+
+    def __len__(self) -> int:
+        return self._catalog.entry(self._fqn).fragments
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[ChunkStorageMetadata]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (self._all(),))
+
+
+class CatalogStateDict(Mapping):
+    """``Metadata.state_dict_metadata`` of a checkpoint: tensors (header order), then values."""
+
+    def __init__(self, catalog: FragmentCatalog | None = None) -> None:
+        self._catalog = catalog
+        self._cache: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+
+    def catalog(self) -> FragmentCatalog:
+        assert self._catalog is not None
+        return self._catalog
+
+    def _meta(self):
+        return self.catalog().meta
+
+    def __getitem__(self, fqn: str) -> TensorStorageMetadata | BytesStorageMetadata:
+        found = self._cache.get(fqn)
+        if found is None:
+            meta = self._meta()
+            entry = meta.tensors.get(fqn)
+            if entry is not None:
+                found = TensorStorageMetadata(
+                    properties=TensorProperties(dtype=entry.dtype),
+                    size=torch.Size(entry.shape),
+                    chunks=CatalogChunks(self.catalog(), fqn),  # type: ignore[arg-type]
+                )
+            elif fqn in meta.values:
+                found = BytesStorageMetadata()
+            else:
+                raise KeyError(fqn)
+            self._cache[fqn] = found
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        meta = self._meta()
+        yield from meta.tensors
+        yield from meta.values
+
+    def __len__(self) -> int:
+        meta = self._meta()
+        return len(meta.tensors) + len(meta.values)
+
+    def __contains__(self, fqn: object) -> bool:
+        meta = self._meta()
+        return fqn in meta.tensors or fqn in meta.values
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self.items()),))
+
+
+def catalog_metadata(catalog: FragmentCatalog, checkpoint_id: str) -> Metadata:
+    """DCP metadata of a checkpoint: lazy state-dict metadata, DCP's flatten mapping as
+    ``planner_data``, and the catalog itself as ``storage_data`` (the reader's lookup)."""
+    meta = catalog.meta
     return Metadata(
-        state_dict_metadata=sd_meta,
-        planner_data=planner_data,
-        storage_data=storage,
+        state_dict_metadata=CatalogStateDict(catalog),  # type: ignore[arg-type]
+        planner_data={k: tuple(v) for k, v in meta.flatten_mapping.items()},
+        storage_data=catalog,
         storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=meta.save_id),
     )
+

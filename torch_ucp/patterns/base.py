@@ -12,8 +12,11 @@ whatever the optimizer calls it (``optim.state.layers.0.attention.wqkv.weight.ex
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from torch_ucp.metadata.schema import DimMap, Segment
+
+__all__ = ["DimMap", "Pattern", "Segment", "glob_regex"]
 
 _REGISTRY: dict[str, type[Pattern]] = {}
 
@@ -61,45 +64,3 @@ class Pattern:
         except KeyError:
             raise ValueError(f"unknown pattern kind {kind!r} (known: {sorted(_REGISTRY)})") from None
         return cls(**d)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """``length`` indices starting at ``physical`` in the tensor a rank sees (the DTensor's
-    global view) are the indices starting at ``logical`` in the stored logical tensor."""
-
-    physical: int
-    logical: int
-    length: int
-
-
-@dataclass(frozen=True)
-class DimMap:
-    """A piecewise-contiguous index map along one tensor dimension.
-
-    Physical indices not covered by any segment (vocabulary padding) map nowhere: they are not
-    saved and are zero-filled on load.
-    """
-
-    dim: int
-    physical_size: int
-    logical_size: int
-    segments: tuple[Segment, ...]
-
-    def to_logical(self, start: int, length: int) -> list[tuple[int, int, int]]:
-        """``(logical_start, length, physical_start)`` runs of the physical range."""
-        return self._map(start, length, lambda s: (s.physical, s.logical))
-
-    def to_physical(self, start: int, length: int) -> list[tuple[int, int, int]]:
-        """``(physical_start, length, logical_start)`` runs of the logical range."""
-        return self._map(start, length, lambda s: (s.logical, s.physical))
-
-    def _map(self, start: int, length: int, key) -> list[tuple[int, int, int]]:
-        out = []
-        end = start + length
-        for seg in self.segments:
-            src, dst = key(seg)
-            lo, hi = max(start, src), min(end, src + seg.length)
-            if lo < hi:
-                out.append((dst + lo - src, hi - lo, lo))
-        return out

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from torch_ucp.metadata.placements import SHARD_KINDS, Box, placement_info
 from torch_ucp.patterns.base import DimMap, Pattern
 from torch_ucp.patterns.fused import FusedParam
 from torch_ucp.patterns.padded import PaddedParam
 from torch_ucp.patterns.rename import Rename
 from torch_ucp.patterns.stacked import StackedParam
-from torch_ucp.planner.layout import Box, is_shard
 
 
 class PatternError(ValueError):
@@ -105,7 +105,8 @@ def interleave_degree(p: FusedParam, t: torch.Tensor) -> int:
         return 1
     i = names.index(p.mesh_dim)
     placement = t.placements[i]
-    if is_shard(placement) and placement.dim % t.ndim == p.dim % t.ndim:
+    info = placement_info(placement)
+    if info.kind in SHARD_KINDS and info.dim % t.ndim == p.dim % t.ndim:
         return t.device_mesh.size(i)
     return 1
 

@@ -37,3 +37,8 @@ class BoxIndex:
         q_hi = q_lo + np.asarray(length, dtype=np.int64)
         hit = ((np.minimum(self._hi, q_hi) - np.maximum(self._lo, q_lo)) > 0).all(axis=1)
         return np.flatnonzero(hit).tolist()
+
+    def bounds(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)`` corners of the boxes ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._lo[rows], self._hi[rows]

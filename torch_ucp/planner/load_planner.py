@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -17,7 +20,12 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from torch_ucp.errors import LoadPlanError
+from torch_ucp import _compat
+from torch_ucp.errors import CorruptCheckpointError, LoadPlanError
+from torch_ucp.metadata.catalog import FragmentCatalog
+from torch_ucp.metadata.placements import Box
+from torch_ucp.metadata.provenance import SaveInfo
+from torch_ucp.metadata.tiling import tiling_problem
 from torch_ucp.patterns.base import DimMap, Pattern
 from torch_ucp.patterns.engine import (
     PatternError,
@@ -31,9 +39,8 @@ from torch_ucp.patterns.fused import FusedParam
 from torch_ucp.patterns.rename import Rename
 from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.planner.global_plan import ChunkList
-from torch_ucp.planner.layout import Box, local_tensor, tensor_boxes
-from torch_ucp.planner.provenance import SaveInfo
-from torch_ucp.planner.save_planner import narrow
+from torch_ucp.planner.layout import narrow, tensor_boxes
+from torch_ucp.planner.plan_table import RankLocalItems
 
 _MAX_LISTED = 20
 
@@ -41,79 +48,118 @@ _MAX_LISTED = 20
 @dataclass
 class _Saved:
     """A saved tensor as the planner sees it: its stored key, metadata, and (for stock
-    checkpoints described by ``saved_patterns``) the map from logical to stored indices."""
+    checkpoints described by ``saved_patterns``) the map from logical to stored indices.
+
+    Its fragments come from the checkpoint's :class:`FragmentCatalog` (torch_ucp checkpoints:
+    only the rows the boxes overlap are ever fetched) or from DCP's chunk list (stock ones)."""
 
     key: str
     md: TensorStorageMetadata
     dmap: DimMap | None = None
+    catalog: FragmentCatalog | None = None
     _index: BoxIndex | None = None
 
     @property
     def logical_shape(self) -> tuple[int, ...]:
         return logical_shape(self.md.size, self.dmap)
 
-    @property
-    def index(self) -> BoxIndex:
+    def chunks(self, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+        """``(offsets, lengths, row)`` of the stored chunks tiling the stored box (checked: a
+        gap or an overlap raises, naming the tensor)."""
+        if self.catalog is not None:
+            return [(f.offsets, f.lengths, f.row) for f in self.catalog.fragments_for(self.key, offsets, lengths)]
         if self._index is None:
             chunks = self.md.chunks
             if isinstance(chunks, ChunkList):  # columns already: no per-chunk objects
                 self._index = BoxIndex(chunks.offsets, chunks.lengths, len(self.md.size))
             else:
-                self._index = BoxIndex(
-                    [c.offsets for c in chunks], [c.sizes for c in chunks], len(self.md.size)
-                )
-        return self._index
+                self._index = BoxIndex([c.offsets for c in chunks], [c.sizes for c in chunks], len(self.md.size))
+        hits = self._index.overlapping(offsets, lengths)
+        lo, hi = self._index.bounds(hits)
+        q = np.asarray(offsets, dtype=np.int64)
+        problem = tiling_problem(lo, hi, q, q + np.asarray(lengths, dtype=np.int64))
+        if problem is not None:
+            raise CorruptCheckpointError(
+                f"the chunks of {self.key!r} do not tile the box at offsets {list(offsets)} "
+                f"lengths {list(lengths)}: {problem}"
+            )
+        out = []
+        for i in hits:
+            chunk = self.md.chunks[i]
+            out.append((tuple(chunk.offsets), tuple(chunk.sizes), i))
+        return out
 
 
-def _reads_for_box(
+@dataclass
+class _BoxRequest:
+    """Read the stored box ``offsets``/``lengths`` of ``saved`` into target ``fqn`` at
+    ``dest``; ``src_to_dest[k]`` is the destination dim of source dim ``k`` (``None`` for a dim
+    the destination lacks)."""
+
+    fqn: str
+    saved: _Saved
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    dest: tuple[int, ...]
+    src_to_dest: list[int | None]
+
+
+def _box_requests(
     target_fqn: str,
     dest_offsets: tuple[int, ...],
     src_offsets: tuple[int, ...],
     lengths: tuple[int, ...],
     saved: _Saved,
     src_to_dest: list[int | None],
-) -> list[ReadItem]:
-    """Read items copying the logical source box ``src_offsets``/``lengths`` of ``saved`` to
-    the local destination at ``dest_offsets``. ``src_to_dest[k]`` is the destination dim of
-    source dim ``k`` (``None`` for a dim the destination lacks)."""
-    boxes = [(src_offsets, lengths, dest_offsets)]
-    if saved.dmap is not None:  # logical -> stored (interleaved/padded) indices
-        d = saved.dmap.dim
-        boxes = []
-        for stored, n, logical in saved.dmap.to_physical(src_offsets[d], lengths[d]):
-            shift = logical - src_offsets[d]
-            dest = list(dest_offsets)
-            if src_to_dest[d] is not None:
-                dest[src_to_dest[d]] += shift
-            boxes.append(
-                (
-                    src_offsets[:d] + (stored,) + src_offsets[d + 1 :],
-                    lengths[:d] + (n,) + lengths[d + 1 :],
-                    tuple(dest),
-                )
+) -> list[_BoxRequest]:
+    """The stored boxes behind the logical source box ``src_offsets``/``lengths`` of
+    ``saved`` (more than one where a saved pattern interleaves or pads the stored tensor)."""
+    if saved.dmap is None:
+        return [_BoxRequest(target_fqn, saved, src_offsets, lengths, dest_offsets, src_to_dest)]
+    d = saved.dmap.dim
+    out = []
+    for stored, n, logical in saved.dmap.to_physical(src_offsets[d], lengths[d]):
+        shift = logical - src_offsets[d]
+        dest = list(dest_offsets)
+        if src_to_dest[d] is not None:
+            dest[src_to_dest[d]] += shift
+        out.append(
+            _BoxRequest(
+                target_fqn,
+                saved,
+                src_offsets[:d] + (stored,) + src_offsets[d + 1 :],
+                lengths[:d] + (n,) + lengths[d + 1 :],
+                tuple(dest),
+                src_to_dest,
             )
+        )
+    return out
+
+
+def _read_items(request: _BoxRequest) -> list[ReadItem]:
     items = []
-    for off, lens, dest in boxes:
-        for i in saved.index.overlapping(off, lens):
-            chunk = saved.md.chunks[i]
-            hit = intersect(off, lens, chunk.offsets, chunk.sizes)
-            if hit is None:
-                continue
-            hit_off, hit_len = hit
-            dest_at = list(dest)
-            for k, dk in enumerate(src_to_dest):
-                if dk is not None:
-                    dest_at[dk] += hit_off[k] - off[k]
-            items.append(
-                ReadItem(
-                    type=LoadItemType.TENSOR,
-                    dest_index=MetadataIndex(target_fqn),
-                    dest_offsets=torch.Size(dest_at),
-                    storage_index=MetadataIndex(saved.key, chunk.offsets, i),
-                    storage_offsets=torch.Size(o - c for o, c in zip(hit_off, chunk.offsets)),
-                    lengths=torch.Size(hit_len),
-                )
+    off, lens = request.offsets, request.lengths
+    if math.prod(lens) == 0:
+        return items
+    for chunk_offsets, chunk_sizes, row in request.saved.chunks(off, lens):
+        hit = intersect(off, lens, chunk_offsets, chunk_sizes)
+        if hit is None:
+            continue
+        hit_off, hit_len = hit
+        dest_at = list(request.dest)
+        for k, dk in enumerate(request.src_to_dest):
+            if dk is not None:
+                dest_at[dk] += hit_off[k] - off[k]
+        items.append(
+            ReadItem(
+                type=LoadItemType.TENSOR,
+                dest_index=MetadataIndex(request.fqn),
+                dest_offsets=torch.Size(dest_at),
+                storage_index=MetadataIndex(request.saved.key, chunk_offsets, row),
+                storage_offsets=torch.Size(o - c for o, c in zip(hit_off, chunk_offsets)),
+                lengths=torch.Size(hit_len),
             )
+        )
     return items
 
 
@@ -172,6 +218,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
     def _saved_index(self, saved_set: PatternSet) -> dict[str, _Saved | str]:
         """Saved tensors by logical name; non-tensor values map to their stored key."""
         out: dict[str, _Saved | str] = {}
+        catalog = self._catalog()
         for key, md in self.metadata.state_dict_metadata.items():
             name = saved_set.rename(key)
             saved_set.note_stacked(name)
@@ -184,15 +231,24 @@ class UCPLoadPlanner(DefaultLoadPlanner):
                     f"{key}: saved_patterns {p!r} needs degree= (the TP degree the stock "
                     "checkpoint was saved with): stock metadata records no mesh"
                 )
-            out[name] = _Saved(key, md, dim_map_for(p, key, None, md.size))
+            out[name] = _Saved(key, md, dim_map_for(p, key, None, md.size), catalog)
         return out
+
+    def _catalog(self) -> FragmentCatalog | None:
+        """The fragment catalog of a torch_ucp checkpoint (``None`` for stock ones)."""
+        data = self.metadata.storage_data if self.metadata is not None else None
+        return data if isinstance(data, FragmentCatalog) else None
 
     def create_local_plan(self) -> LoadPlan:
         if self.metadata is None:
             raise LoadPlanError("UCPLoadPlanner needs checkpoint metadata")
         checkpoint = getattr(self.metadata.storage_meta, "checkpoint_id", None) or "checkpoint"
-        info = SaveInfo.from_planner_data(self.metadata.planner_data)
-        recorded = info.patterns if info is not None else []
+        catalog = self._catalog()
+        if catalog is not None:
+            recorded = catalog.meta.patterns
+        else:
+            info = SaveInfo.from_planner_data(self.metadata.planner_data)
+            recorded = info.patterns if info is not None else []
         try:
             if self.patterns is not None:
                 target_set = PatternSet(self.patterns)
@@ -215,8 +271,21 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             raise LoadPlanError(
                 f"cannot load {checkpoint} into this state dict:\n  " + "\n  ".join(problems)
             )
-        self.plan = LoadPlan(items)
+        requests = [r for r in items if isinstance(r, _BoxRequest)]
+        if catalog is not None:  # fetch every fragment index these boxes need, at once
+            catalog.require((r.saved.key, r.offsets, r.lengths) for r in requests if r.saved.catalog is not None)
+        reads = [r for r in items if isinstance(r, ReadItem)]
+        for r in requests:
+            reads.extend(_read_items(r))
+        # the items stay on this rank: DCP's gather of plans to the coordinator carries none
+        self.plan = LoadPlan(RankLocalItems(reads))
         return self.plan
+
+    def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
+        """This rank's plan back from the coordinator (which saw no items): the local one."""
+        if not new_plan.items and self.plan.items:
+            return dataclasses.replace(new_plan, items=list(self.plan.items))
+        return new_plan
 
     def _plan(
         self, target_set: PatternSet, saved_set: PatternSet
@@ -261,7 +330,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
                 used.add(source.key)
                 ident = list(range(len(shape)))
                 for b in boxes:
-                    items.extend(_reads_for_box(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
+                    items.extend(_box_requests(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
                 continue
             stacked = self._plan_stacked(fqn, name, shape, boxes, target_set, saved, used)
             if stacked is None:
@@ -302,7 +371,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             for b in boxes:
                 src = b.global_offsets[:d] + (i,) + b.global_offsets[d:]
                 lens = b.lengths[:d] + (1,) + b.lengths[d:]
-                items.extend(_reads_for_box(fqn, b.local_offsets, src, lens, source, to_dest))
+                items.extend(_box_requests(fqn, b.local_offsets, src, lens, source, to_dest))
             return items
         p = target_set.stacked(name)
         if p is None:
@@ -337,7 +406,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
                 dest[d] += i - b.global_offsets[d]
                 src = b.global_offsets[:d] + b.global_offsets[d + 1 :]
                 lens = b.lengths[:d] + b.lengths[d + 1 :]
-                items.extend(_reads_for_box(fqn, tuple(dest), src, lens, source, to_dest))
+                items.extend(_box_requests(fqn, tuple(dest), src, lens, source, to_dest))
         return items
 
     @staticmethod
@@ -350,14 +419,14 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         ident = list(range(len(shape)))
         items = []
         for b in boxes:
-            items.extend(_reads_for_box(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
+            items.extend(_box_requests(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
         return items
 
     def _zero_padding(self, fqn, target, physical: Box, padding, dmap: DimMap | None) -> None:
         """Padding rows of the target (no logical index) are zero after a load."""
         if not padding:
             return
-        local = local_tensor(target).detach()
+        local = _compat.local_tensor(target).detach()
         d = dmap.dim
         for start, n in padding:
             region = narrow(local, physical.local_offsets, physical.lengths)
@@ -368,7 +437,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         fqn = read_item.dest_index.fqn
         view = self._views.get(fqn)
         if view is None:
-            view = self._views[fqn] = local_tensor(self.state_dict[fqn]).detach()
+            view = self._views[fqn] = _compat.local_tensor(self.state_dict[fqn]).detach()
         lengths = tuple(read_item.lengths)
         if len(read_item.dest_offsets) == len(lengths):
             return narrow(view, read_item.dest_offsets, lengths)

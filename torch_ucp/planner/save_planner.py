@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,17 +28,14 @@ from torch.distributed.checkpoint.planner_helpers import (
 )
 from torch.distributed.tensor import DTensor
 
-from torch_ucp.metadata.codec import placement_to_json
+from torch_ucp import _compat
+from torch_ucp.metadata.dtypes import name_to_dtype
+from torch_ucp.metadata.placements import mesh_info, whole_box
+from torch_ucp.metadata.provenance import UCP_KEY, save_info
+from torch_ucp.metadata.schema import DimMap, SaveLayout, TensorEntry
 from torch_ucp.patterns.engine import PatternError, PatternSet, dim_map_for, logical_shape, map_box
 from torch_ucp.planner.global_plan import GlobalPlan, StateDictMetadata, plan_globally
-from torch_ucp.planner.layout import (
-    Box,
-    dtensor_boxes,
-    local_tensor,
-    mesh_info,
-    placement_info,
-    whole_box,
-)
+from torch_ucp.planner.layout import Box, dtensor_boxes, narrow, placements_of
 from torch_ucp.planner.plan_table import (
     BYTES,
     LocalPlanTable,
@@ -47,15 +43,33 @@ from torch_ucp.planner.plan_table import (
     RankLocalItems,
     WriterAssignment,
 )
-from torch_ucp.planner.provenance import UCP_KEY, SaveInfo
 
 
-def narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
-    """View of ``t`` restricted to the box ``offsets``/``lengths``."""
-    for dim, (o, n) in enumerate(zip(offsets, lengths)):
-        if o != 0 or n != t.shape[dim]:
-            t = t.narrow(dim, o, n)
-    return t
+class PlannerData(dict):
+    """``Metadata.planner_data`` of a torch_ucp save: DCP's flatten mapping (what stock loaders
+    read), plus the typed :class:`SaveLayout` the torch_ucp writer commits (``layout``).
+
+    Pickled (a stock writer writing ``.metadata``), it becomes a plain dict that also carries
+    the layout as JSON under :data:`UCP_KEY` (:mod:`torch_ucp.metadata.provenance`), computed
+    only then: the torch_ucp writer never needs it.
+    """
+
+    def __init__(self, mapping: dict[str, tuple], layout: SaveLayout, plan: GlobalPlan) -> None:
+        super().__init__(mapping)
+        self.layout = layout
+        self._plan = plan
+
+    def provenance_json(self) -> str:
+        plan = self._plan
+        writers = {
+            k.name: plan.fragments.writer[plan.fragments.rows(i)].tolist()
+            for i, k in enumerate(plan.fragments.keys)
+            if k.kind != BYTES
+        }
+        return save_info(self.layout, writers).to_json()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, ({**self, UCP_KEY: self.provenance_json()},))
 
 
 class UCPSavePlanner(DefaultSavePlanner):
@@ -103,10 +117,12 @@ class UCPSavePlanner(DefaultSavePlanner):
         self._local_of: dict[str, str] = {}
 
     # -- local planning -------------------------------------------------------------------
-    def _tensor_items(self, fqn: str, name: str, obj: torch.Tensor) -> tuple[torch.Size, list[WriteItem]]:
-        """The logical size of tensor ``fqn`` stored as ``name`` (after renames), and its write
-        items: one per exact box of the logical tensor this rank holds (boxes mapped through a
-        fused/padded pattern if one applies)."""
+    def _tensor_items(
+        self, fqn: str, name: str, obj: torch.Tensor
+    ) -> tuple[torch.Size, DimMap | None, list[WriteItem]]:
+        """The logical size of tensor ``fqn`` stored as ``name`` (after renames), the pattern's
+        index map if one applies, and its write items: one per exact box of the logical tensor
+        this rank holds (boxes mapped through a fused/padded pattern if one applies)."""
         if obj.device.type == "meta":
             raise ValueError(f"{fqn}: cannot save a tensor on the meta device")
         if isinstance(obj, DTensor):
@@ -133,7 +149,7 @@ class UCPSavePlanner(DefaultSavePlanner):
                         tensor_data=TensorWriteData(chunk=chunk, properties=props, size=size),
                     )
                 )
-        return size, items
+        return size, dmap, items
 
     def create_local_plan(self) -> SavePlan:
         items: list[WriteItem] = []
@@ -153,14 +169,11 @@ class UCPSavePlanner(DefaultSavePlanner):
             ):
                 layout = -1
                 if isinstance(obj, DTensor):
-                    mesh = mesh_info(obj)
                     layout = layout_of[name] = table.add_layout(
-                        {"shape": list(mesh.shape), "dim_names": mesh.dim_names},
-                        [placement_to_json(placement_info(p)) for p in obj.placements],
-                        obj.device_mesh.get_coordinate(),
+                        mesh_info(obj.device_mesh), placements_of(obj), obj.device_mesh.get_coordinate()
                     )
-                size, tensor_items = self._tensor_items(fqn, name, obj)
-                table.add_tensor(name, obj.dtype, size, layout, self.mappings.get(fqn))
+                size, dmap, tensor_items = self._tensor_items(fqn, name, obj)
+                table.add_tensor(name, obj.dtype, size, layout, self.mappings.get(fqn), dmap)
                 items.extend(tensor_items)
             elif isinstance(obj, torch.Tensor) or hasattr(obj, "__create_write_items__"):
                 items.extend(_create_write_items(fqn, obj))  # ShardedTensor and friends
@@ -186,12 +199,11 @@ class UCPSavePlanner(DefaultSavePlanner):
             dataclasses.replace(plan, items=[], planner_data=assignment)
             for plan, assignment in zip(all_plans, planned.assignments)
         ]
-        planner_data: dict[str, Any] = {
-            k.name: tuple(k.path) for k in planned.fragments.keys if k.path is not None
-        }
-        planner_data[UCP_KEY] = provenance(planned, tables, self.patterns.to_json()).to_json()
+        layout = save_layout(planned, self.patterns.to_json())
+        mapping = {k.name: tuple(k.path) for k in planned.fragments.keys if k.path is not None}
         metadata = Metadata(
-            state_dict_metadata=StateDictMetadata(planned.fragments), planner_data=planner_data
+            state_dict_metadata=StateDictMetadata(planned.fragments),
+            planner_data=PlannerData(mapping, layout, planned),
         )
         self.global_plan, self.metadata = new_plans, metadata
         return new_plans, metadata
@@ -212,7 +224,7 @@ class UCPSavePlanner(DefaultSavePlanner):
                 return self.transform_object(write_item, self.resolve_object(write_item))
             return super().resolve_data(write_item)
         fqn, box = found
-        t = local_tensor(self.state_dict[fqn]).detach()
+        t = _compat.local_tensor(self.state_dict[fqn]).detach()
         return narrow(t, box.local_offsets, box.lengths)
 
     def resolve_object(self, write_item: WriteItem) -> Any:
@@ -221,44 +233,32 @@ class UCPSavePlanner(DefaultSavePlanner):
         return self.state_dict[self._local_of.get(name, name)]
 
 
-def provenance(planned: GlobalPlan, tables: Sequence[LocalPlanTable], patterns: list[Any]) -> SaveInfo:
-    """Meshes, placements and the writer of every fragment, as :class:`SaveInfo`."""
-    info = SaveInfo(patterns=list(patterns))
-    mesh_ids: dict[str, int] = {}
-    ambiguous: set[int] = set()
-    layout_mesh: dict[int, list[int]] = {}  # per distinct catalog: layout -> mesh id
-    for rank, (catalog, table) in enumerate(zip(planned.catalogs, tables)):
-        ids = layout_mesh.get(id(catalog))
-        if ids is None:
-            ids = layout_mesh[id(catalog)] = [
-                _mesh_id(info, mesh_ids, mesh) for mesh, _ in catalog.layouts
-            ]
-        for mesh_id, coordinate in zip(ids, table.coordinates):
-            table_of_mesh = info.meshes[mesh_id]["coordinates"]
-            if table_of_mesh.setdefault(str(rank), coordinate) != coordinate:
-                ambiguous.add(mesh_id)  # the rank sits at two places of same-shaped meshes
+def save_layout(planned: GlobalPlan, patterns: list[Any]) -> SaveLayout:
+    """The typed layout of a save: every tensor with its mesh, placements, pattern map, fragment
+    count and (where the routing rule does not give them) its writers."""
+    layout = SaveLayout(patterns=list(patterns))
     fragments = planned.fragments
+    mesh_ids: dict[int, int] = {}
     for k, key in enumerate(fragments.keys):
+        if key.path is not None:
+            layout.flatten_mapping[key.name] = list(key.path)
         if key.kind == BYTES:
             continue
-        writers = fragments.writer[fragments.rows(k)].tolist()
-        if key.layout is None:
-            info.tensors[key.name] = {"ranks": writers}
-            continue
-        mesh, placements = key.layout
-        entry = {"mesh": _mesh_id(info, mesh_ids, mesh), "placements": placements, "ranks": writers}
-        if entry["mesh"] in ambiguous:
-            entry["coordinates"] = [
-                tables[w].coordinates[planned.catalogs[w].layout_of(k)] for w in writers
-            ]
-        info.tensors[key.name] = entry
-    return info
-
-
-def _mesh_id(info: SaveInfo, mesh_ids: dict[str, int], mesh: dict[str, Any]) -> int:
-    token = json.dumps(mesh, sort_keys=True)
-    found = mesh_ids.get(token)
-    if found is None:
-        found = mesh_ids[token] = len(info.meshes)
-        info.meshes.append({**mesh, "coordinates": {}})
-    return found
+        mesh = placements = None
+        if key.layout >= 0:
+            found = planned.layouts[key.layout]
+            if key.layout not in mesh_ids:
+                mesh_ids[key.layout] = layout.mesh_id(found.mesh)
+            mesh, placements = mesh_ids[key.layout], found.placements
+        rows = fragments.rows(k)
+        layout.tensors[key.name] = TensorEntry(
+            fqn=key.name,
+            dtype=name_to_dtype(key.dtype),
+            shape=tuple(key.shape),
+            fragments=rows.stop - rows.start,
+            mesh=mesh,
+            placements=placements,
+            dim_map=key.dim_map,
+            writers=None if key.derived else tuple(planned.key_writers(k).tolist()),
+        )
+    return layout

@@ -5,13 +5,12 @@ without a process group and without holding the model in memory. :class:`Checkpo
 streams each tensor's raw bytes into a data object as soon as it is added and keeps only its
 location and checksums, so host memory stays near the largest tensor.
 
-It drives :class:`~torch_ucp.storage.writer.UCPWriter` as the coordinator of a one-rank save:
-``prepare_global_plan`` refuses to replace a committed checkpoint unless ``overwrite`` and picks
-the save id, and ``finish`` joins the write results into the metadata
-(:func:`~torch_ucp.storage.writer.build_checkpoint_metadata`), writes ``.metadata`` last and
-atomically and removes data of earlier saves. The result is a checkpoint in exactly the layout a
-``dcp.save`` with ``UCPWriter`` writes (``data-<save_id>/00000-<k>.bin`` + ``.metadata``), which
-every torch_ucp reader and ``torch-ucp verify`` accept.
+It writes the format directly, as rank 0 of a one-rank save, with the same pieces as
+:class:`~torch_ucp.storage.writer.UCPWriter`: data objects ``data-<save_id>/00000-<k>.bin``
+streamed by :class:`~torch_ucp.storage.objects.ObjectStream`, one fragment index
+``data-<save_id>/00000.idx``, and the header ``.metadata`` written last and atomically by
+:func:`~torch_ucp.storage.writer.commit`, which also removes data of earlier saves. Every
+torch_ucp reader and ``torch-ucp verify`` accept the result.
 """
 
 from __future__ import annotations
@@ -22,27 +21,39 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import SavePlan
-from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 
-from torch_ucp.errors import CheckpointError, CheckpointExistsError
-from torch_ucp.metadata.codec import placement_to_json
+from torch_ucp import knobs
+from torch_ucp.errors import CheckpointError
+from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, crc32c
 from torch_ucp.metadata.dtypes import dtype_to_name
-from torch_ucp.metadata.schema import CheckpointMetadata, MeshInfo, PlacementInfo, StoredBytes
-from torch_ucp.planner.provenance import UCP_KEY, SaveInfo
-from torch_ucp.storage.objects import ITEM_ALIGNMENT, ObjectStream
+from torch_ucp.metadata.index import encode_index
+from torch_ucp.metadata.schema import (
+    DATA_PREFIX,
+    ITEM_ALIGNMENT,
+    CheckpointMetadata,
+    IndexRef,
+    MeshInfo,
+    PlacementInfo,
+    SaveLayout,
+    StoredBytes,
+    TensorEntry,
+    ValueEntry,
+    data_object_name,
+    index_object_name,
+)
+from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import encode_value
-from torch_ucp.storage.writer import DATA_PREFIX, ItemStored, UCPWriter, tensor_bytes
+from torch_ucp.storage.writer import (
+    RankWritten,
+    check_can_save,
+    checkpoint_metadata,
+    commit,
+    index_rows,
+    new_save_id,
+    tensor_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,34 +98,19 @@ class CheckpointBuilder:
         max_object_bytes: int | None = None,
         **storage_options: Any,
     ) -> None:
-        self._writer = UCPWriter(
-            url,
-            overwrite=overwrite,
-            checksum_block_bytes=checksum_block_bytes,
-            **storage_options,
-        )
-        assert self._writer.store is not None
-        self.store: Store = self._writer.store
+        self.store = Store(url, storage_options)
+        self.checksum_block_bytes = checksum_block_bytes or knobs.checksum_block_bytes()
         self.max_object_bytes = max_object_bytes
-        # The coordinator step of a save: overwrite check and a fresh save id.
-        try:
-            (plan,) = self._writer.prepare_global_plan([SavePlan([])])
-        except CheckpointExistsError:
-            raise CheckpointExistsError(
-                f"{self.store.url} already holds a committed checkpoint; pass "
-                "CheckpointBuilder(..., overwrite=True) to replace it"
-            ) from None
-        self.save_id: str = plan.storage_data.save_id
+        check_can_save(self.store, overwrite, "CheckpointBuilder")
+        self.save_id: str = new_save_id()
         self.folder = f"{DATA_PREFIX}{self.save_id}"
         self.bytes_written = 0
         self.metadata: CheckpointMetadata | None = None
         self._stream: ObjectStream | None = None
         self._objects = 0
-        self._state_md: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-        self._results: list[WriteResult] = []
-        self._mappings: dict[str, tuple[Any, ...]] = {}
-        self._info = SaveInfo()
-        self._mesh_index: dict[MeshInfo, int] = {}
+        self._layout = SaveLayout()
+        self._written: list[tuple[str, tuple[int, ...], StoredBytes]] = []
+        self._values: list[ValueEntry] = []
         self._closed = False
 
     @property
@@ -150,35 +146,21 @@ class CheckpointBuilder:
         data = tensor_bytes(tensor)
         stored = self._append(data)
         del data
-        shape = torch.Size(tensor.shape)
-        self._state_md[fqn] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=tensor.dtype),
-            size=shape,
-            chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(shape)), sizes=shape)],
+        shape = tuple(tensor.shape)
+        self._written.append((fqn, shape, stored))
+        self._layout.flatten_mapping[fqn] = list(path) if path is not None else [fqn]
+        recorded = mesh is not None and placements is not None
+        if recorded:  # informational: the rank table is not known here
+            mesh = MeshInfo(mesh.shape, mesh.dim_names)
+        self._layout.tensors[fqn] = TensorEntry(
+            fqn=fqn,
+            dtype=tensor.dtype,
+            shape=shape,
+            fragments=1,
+            mesh=self._layout.mesh_id(mesh) if recorded else None,
+            placements=tuple(placements) if recorded else None,
+            writers=(0,),
         )
-        self._results.append(
-            WriteResult(
-                index=MetadataIndex(fqn, [0] * len(shape)),
-                size_in_bytes=stored.byte_length,
-                storage_data=ItemStored(stored, 0),
-            )
-        )
-        self._mappings[fqn] = tuple(path) if path is not None else (fqn,)
-        if mesh is not None and placements is not None:
-            index = self._mesh_index.get(mesh)
-            if index is None:
-                index = self._mesh_index[mesh] = len(self._info.meshes)
-                self._info.meshes.append(
-                    {
-                        "shape": list(mesh.shape),
-                        "dim_names": list(mesh.dim_names) if mesh.dim_names else None,
-                    }
-                )
-            self._info.tensors[fqn] = {
-                "mesh": index,
-                "placements": [placement_to_json(p) for p in placements],
-                "ranks": [0],
-            }
         return stored
 
     def add_value(self, fqn: str, value: Any, *, path: Sequence[Any] | None = None) -> StoredBytes:
@@ -189,22 +171,15 @@ class CheckpointBuilder:
             raise TypeError(f"{fqn}: use add_tensor for tensors")
         encoding, payload = encode_value(value)
         stored = self._append(memoryview(payload))
-        self._state_md[fqn] = BytesStorageMetadata()
-        self._results.append(
-            WriteResult(
-                index=MetadataIndex(fqn),
-                size_in_bytes=stored.byte_length,
-                storage_data=ItemStored(stored, 0, encoding),
-            )
-        )
-        self._mappings[fqn] = tuple(path) if path is not None else (fqn,)
+        self._values.append(ValueEntry(fqn, encoding, stored, 0))
+        self._layout.flatten_mapping[fqn] = list(path) if path is not None else [fqn]
         return stored
 
     def __contains__(self, fqn: object) -> bool:
-        return fqn in self._state_md
+        return fqn in self._layout.flatten_mapping
 
     def __len__(self) -> int:
-        return len(self._state_md)
+        return len(self._layout.flatten_mapping)
 
     # -- commit / abort -----------------------------------------------------------------------
     def commit(self) -> CheckpointMetadata:
@@ -216,21 +191,30 @@ class CheckpointBuilder:
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None
-            if self._objects:
+            report = RankWritten(0, None, self._values, self.bytes_written)
+            if self._written:
+                keys, rows = index_rows([(f, (0,) * len(shape), shape, st) for f, shape, st in self._written], 0)
+                blob = encode_index(0, keys, rows, self.checksum_block_bytes)
+                name = index_object_name(self.save_id, 0)
+                self.store.write_object(name, blob)
+                report.index = IndexRef(0, name, len(blob), crc32c(blob), len(rows))
+            if self._objects or self._written:
                 self.store.fsync_dir(self.folder)
-            planner_data: dict[str, Any] = dict(self._mappings)
-            planner_data[UCP_KEY] = self._info.to_json()
-            self._writer.finish(
-                Metadata(state_dict_metadata=self._state_md, planner_data=planner_data),
-                [self._results],
+            meta = checkpoint_metadata(
+                self._layout,
+                [report],
+                save_id=self.save_id,
+                world_size=1,
+                checksum_algorithm=DEFAULT_ALGORITHM,
+                checksum_block_bytes=self.checksum_block_bytes,
             )
+            commit(self.store, meta)
         except BaseException:
             self.abort()
             raise
         self._closed = True
-        self.metadata = self._writer.metadata
-        self.save_id = self.metadata.save_id  # differs only if nothing was added
-        return self.metadata
+        self.metadata = meta
+        return meta
 
     def abort(self) -> None:
         """Give up: abort the open upload and remove this save's data (nothing was committed,
@@ -262,7 +246,7 @@ class CheckpointBuilder:
             raise CheckpointError(f"{self.url}: this builder was already committed or aborted")
         if not isinstance(fqn, str) or not fqn:
             raise ValueError(f"keys must be non-empty strings, got {fqn!r}")
-        if fqn in self._state_md:
+        if fqn in self._layout.flatten_mapping:
             raise ValueError(f"{fqn!r} was already added to {self.url}")
 
     def _append(self, data: memoryview) -> StoredBytes:
@@ -278,7 +262,7 @@ class CheckpointBuilder:
         if stream is None:
             if self._objects == 0:
                 self.store.makedirs(self.folder)
-            rel = f"{self.folder}/{0:05d}-{self._objects}.bin"
+            rel = data_object_name(self.save_id, 0, self._objects)
             self._objects += 1
             try:
                 stream = self._stream = ObjectStream(self.store, rel, ITEM_ALIGNMENT)
@@ -286,9 +270,7 @@ class CheckpointBuilder:
                 self.abort()
                 raise
         try:
-            stored = stream.append(
-                data, self._writer.checksum_block_bytes, self._writer.checksum_algorithm
-            )
+            stored = stream.append(data, self.checksum_block_bytes, DEFAULT_ALGORITHM)
         except BaseException:
             self.abort()
             raise

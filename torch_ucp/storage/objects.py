@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import IO
 
 from torch_ucp import knobs
-from torch_ucp.metadata.schema import StoredBytes
-from torch_ucp.storage.checksum import block_checksums
-from torch_ucp.storage.store import Store
+from torch_ucp.metadata.checksums import block_checksums
+from torch_ucp.metadata.schema import ITEM_ALIGNMENT, StoredBytes
+from torch_ucp.storage.store import Store, write_all
 
-ITEM_ALIGNMENT = 64  # bytes; every item in a data object starts at a multiple of this
-
-
-def write_all(f: Any, data: memoryview) -> None:
-    """Write all of ``data`` (raw file objects may write less than asked)."""
-    view = data
-    while len(view):
-        n = f.write(view)
-        if n is None or n == len(view):  # buffered streams write everything
-            return
-        view = view[n:]
+__all__ = ["ITEM_ALIGNMENT", "ObjectStream", "write_all"]
 
 
 class ObjectStream:

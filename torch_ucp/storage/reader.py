@@ -5,36 +5,58 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from torch_ucp.metadata.codec import decode_metadata
-from torch_ucp.metadata.dcp import to_dcp_metadata
-from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, ObjectEntry
-from torch_ucp.storage.checksum import checksum_function
+from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
+from torch_ucp.metadata.checksums import checksum_function
+from torch_ucp.metadata.dcp import CatalogStateDict, catalog_metadata
+from torch_ucp.metadata.header import decode_metadata
+from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import decode_value
 
 
-def load_metadata(store: Store) -> CheckpointMetadata:
-    """Read and decode a checkpoint's ``.metadata``, with errors that name the URL."""
+def _read_header(store: Store) -> bytes:
     try:
-        raw = store.read_bytes(METADATA_FILE)
+        return store.read_bytes(METADATA_FILE, limit=knobs.max_metadata_bytes())
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"no committed checkpoint at {store.url}: {store.describe(METADATA_FILE)} is missing"
         ) from None
-    return decode_metadata(raw, store.describe(METADATA_FILE))
 
 
-def read_object(store: Store, entry: ObjectEntry, meta: CheckpointMetadata, verify: bool) -> Any:
+def open_catalog(store: Store, header: bytes | None = None) -> FragmentCatalog:
+    """The checkpoint at ``store`` as a :class:`FragmentCatalog`: its header decoded (read now,
+    unless given), its fragment indexes read from ``store`` when needed."""
+    raw = _read_header(store) if header is None else header
+    meta, rows = decode_metadata(raw, store.describe(METADATA_FILE), max_bytes=knobs.max_metadata_bytes())
+
+    def fetch(refs: Sequence[IndexRef]) -> list[bytes]:
+        try:
+            return store.read_many([r.object for r in refs], [r.nbytes for r in refs])
+        except FileNotFoundError:
+            missing = [store.describe(r.object) for r in refs if not store.exists(r.object)]
+            raise CorruptCheckpointError(f"fragment index {', '.join(missing)} is missing") from None
+
+    return FragmentCatalog(meta, rows, fetch, store.url)
+
+
+def load_metadata(store: Store) -> CheckpointMetadata:
+    """Read and decode a checkpoint's header, with errors that name the URL."""
+    return open_catalog(store).meta
+
+
+def read_object(store: Store, entry: ValueEntry, meta: CheckpointMetadata, verify: bool) -> Any:
     """Read, verify and decode one non-tensor value."""
     data = entry.data
     buf = bytearray(data.byte_length)
@@ -56,18 +78,41 @@ def read_object(store: Store, entry: ObjectEntry, meta: CheckpointMetadata, veri
     return decode_value(entry.encoding, bytes(buf), entry.fqn)
 
 
+class CommittedStateDict(CatalogStateDict):
+    """State-dict metadata of a checkpoint just committed (what ``dcp.save`` returns and DCP
+    broadcasts to every rank): pickles as the header bytes plus the URL; fragment indexes are
+    read only if a chunk list is asked for."""
+
+    def __init__(self, store: Store, header: bytes) -> None:
+        super().__init__(None)
+        self._store, self._header = store, header
+        self._lock = threading.Lock()
+
+    def catalog(self) -> FragmentCatalog:
+        with self._lock:
+            if self._catalog is None:
+                self._catalog = open_catalog(self._store, self._header)
+            return self._catalog
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CommittedStateDict, (self._store, self._header))
+
+
 class UCPReader(StorageReader):
     """Reads torch_ucp checkpoints from a local path or any fsspec URL.
 
-    Reads are grouped per data object, nearby byte ranges coalesced and run in parallel, and
-    only the bytes the plan needs are fetched (a rank needing a quarter of a fragment reads
-    about a quarter). Checksums are verified on read (see ``verify``).
+    ``read_metadata`` reads only the header; the fragment indexes a rank's target overlaps are
+    read while planning (:class:`~torch_ucp.UCPLoadPlanner`). Reads are grouped per data
+    object, nearby byte ranges coalesced and run in parallel, and only the bytes the plan needs
+    are fetched (a rank needing a quarter of a fragment reads about a quarter). Checksums are
+    verified on read (see ``verify``).
 
     Args:
         url: checkpoint folder (path or fsspec URL); may instead be passed as ``checkpoint_id``.
         verify: ``True`` (default) verifies every checksum block a read covers, widening reads to
             whole blocks when that costs at most ``TORCH_UCP_READ_WASTE_RATIO`` (10%) extra;
             ``"full"`` always widens, so every loaded byte is verified; ``False`` skips checks.
+            Metadata (header and indexes) is always verified.
         threads: parallel range reads per rank.
         **storage_options: passed to fsspec.
 
@@ -88,11 +133,11 @@ class UCPReader(StorageReader):
         self.verify = verify
         self.threads = threads
         self.stats = ReadStats()
-        self._meta: CheckpointMetadata | None = None
+        self._catalog: FragmentCatalog | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_meta"] = None
+        state["_catalog"] = None
         return state
 
     @property
@@ -102,25 +147,31 @@ class UCPReader(StorageReader):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
             self.store = Store(checkpoint_id, self.storage_options)
-        self._meta = None
+        self._catalog = None
         self.stats = ReadStats()
 
-    def checkpoint_metadata(self) -> CheckpointMetadata:
-        """The decoded torch_ucp metadata (read once per reader)."""
+    def catalog(self) -> FragmentCatalog:
+        """The checkpoint's catalog (header read once per reader; indexes as needed)."""
         if self.store is None:
             raise CheckpointError("UCPReader needs a URL: UCPReader(url) or dcp.load(checkpoint_id=)")
-        if self._meta is None:
-            self._meta = load_metadata(self.store)
-        return self._meta
+        if self._catalog is None:
+            self._catalog = open_catalog(self.store)
+        return self._catalog
+
+    def checkpoint_metadata(self) -> CheckpointMetadata:
+        """The decoded header."""
+        return self.catalog().meta
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        assert self.store is not None or self.checkpoint_metadata()
-        return to_dcp_metadata(self.checkpoint_metadata(), self.store.url)
+        catalog = self.catalog()
+        assert self.store is not None
+        return catalog_metadata(catalog, self.store.url)
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
-        self._storage_data = metadata.storage_data
+        if isinstance(metadata.storage_data, FragmentCatalog):
+            self._catalog = metadata.storage_data
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -129,24 +180,25 @@ class UCPReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        meta = self.checkpoint_metadata()
+        catalog = self.catalog()
+        meta = catalog.meta
         assert self.store is not None
         planner_lock = threading.Lock()
         reads: list[BoxRead] = []
         for item in plan.items:
-            location = self._storage_data.get(item.storage_index)
-            if location is None:
-                raise CheckpointError(f"{item.storage_index.fqn}: not in {self.store.url}")
             if item.type == LoadItemType.BYTE_IO:
-                self._load_value(item, location, meta, planner)
+                entry = meta.values.get(item.storage_index.fqn)
+                if entry is None:
+                    raise CheckpointError(f"{item.storage_index.fqn}: no such value in {self.store.url}")
+                self._load_value(item, entry, meta, planner)
                 continue
-            entry, fragment = location
+            fragment = _fragment(catalog, item.storage_index, self.store.url)
             dest = planner.resolve_tensor(item).detach()
             reads.append(
                 BoxRead(
-                    name=entry.fqn,
+                    name=item.storage_index.fqn,
                     data=fragment.data,
-                    dtype=entry.dtype,
+                    dtype=meta.tensors[item.storage_index.fqn].dtype,
                     fragment_offsets=fragment.offsets,
                     fragment_shape=fragment.lengths,
                     offsets=tuple(item.storage_offsets),
@@ -168,7 +220,7 @@ class UCPReader(StorageReader):
         return fut
 
     def _load_value(
-        self, item: ReadItem, entry: ObjectEntry, meta: CheckpointMetadata, planner: LoadPlanner
+        self, item: ReadItem, entry: ValueEntry, meta: CheckpointMetadata, planner: LoadPlanner
     ) -> None:
         assert self.store is not None
         value = read_object(self.store, entry, meta, bool(self.verify))
@@ -184,6 +236,26 @@ class UCPReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+def _fragment(catalog: FragmentCatalog, index: MetadataIndex, url: str) -> Fragment:
+    """The fragment a read item names: ``index.index`` is its row when the item came from
+    :class:`~torch_ucp.UCPLoadPlanner`; otherwise it is looked up by tensor and offsets."""
+    fqn, offsets = index.fqn, tuple(index.offset)
+    if fqn not in catalog.position:
+        raise CheckpointError(f"{fqn}: not a tensor of {url}")
+    row = index.index
+    if row is not None and 0 <= row < len(catalog.rows):
+        fragment = catalog.fragment(row)
+        if catalog.names[int(catalog.rows.tensor[row])] == fqn and fragment.offsets == offsets:
+            return fragment
+    entry = catalog.entry(fqn)
+    catalog.require([(fqn, offsets, (1,) * len(entry.shape))])
+    for r in catalog.overlapping(fqn, offsets, (1,) * len(entry.shape)):
+        fragment = catalog.fragment(int(r))
+        if fragment.offsets == offsets:
+            return fragment
+    raise CheckpointError(f"{fqn}: no fragment at offsets {list(offsets)} in {url}")
 
 
 def commit_callback(planner: LoadPlanner, item: ReadItem, lock: threading.Lock):

@@ -23,8 +23,8 @@ import torch
 
 from torch_ucp import knobs
 from torch_ucp.errors import CorruptCheckpointError
+from torch_ucp.metadata.checksums import checksum_function
 from torch_ucp.metadata.schema import StoredBytes
-from torch_ucp.storage.checksum import checksum_function
 from torch_ucp.storage.ranges import block_aligned_bounds, c_strides, plan_box_ranges
 from torch_ucp.storage.store import Store
 

@@ -15,6 +15,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -87,8 +88,22 @@ class Store:
 
         return self.retrying(exists, f"checking {self.describe(rel)}")
 
-    def read_bytes(self, rel: str) -> bytes:
-        return self.retrying(lambda: self.fs.cat_file(self.path(rel)), f"reading {self.describe(rel)}")
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
+        """The whole object ``rel``; with ``limit``, at most ``limit + 1`` bytes are read (a
+        longer object is the caller's error to report, with bounded memory)."""
+        end = None if limit is None else limit + 1
+        return self.retrying(
+            lambda: self.fs.cat_file(self.path(rel), start=0 if end else None, end=end),
+            f"reading {self.describe(rel)}",
+        )
+
+    def read_many(self, rels: Sequence[str], limits: Sequence[int]) -> list[bytes]:
+        """Whole objects, read in parallel (metadata objects: small, many), each at most its
+        ``limit + 1`` bytes."""
+        if len(rels) <= 1:
+            return [self.read_bytes(r, n) for r, n in zip(rels, limits)]
+        with ThreadPoolExecutor(min(len(rels), knobs.read_threads()), "ucp-meta") as pool:
+            return list(pool.map(self.read_bytes, rels, limits))
 
     def read_into(self, rel: str, ranges: Sequence[tuple[int, int]], outs: Sequence[memoryview]) -> None:
         """Read each ``(start, length)`` range of ``rel`` into the matching writable buffer."""
@@ -181,6 +196,16 @@ class Store:
         finally:
             os.close(fd)
 
+    def write_object(self, rel: str, data: bytes) -> None:
+        """Write a whole object durably (a new name: no atomic replace needed)."""
+        f = self.open_write(rel)
+        try:
+            write_all(f, memoryview(data))
+        except BaseException:
+            self.abort_write(f)
+            raise
+        self.close_durably(f)
+
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Publish ``rel`` so that readers see either nothing, the old or the new bytes.
 
@@ -222,6 +247,16 @@ class Store:
                 pass
 
         self.retrying(rm, f"removing {self.describe(rel)}")
+
+
+def write_all(f: Any, data: memoryview) -> None:
+    """Write all of ``data`` (raw file objects may write less than asked)."""
+    view = data
+    while len(view):
+        n = f.write(view)
+        if n is None or n == len(view):  # buffered streams write everything
+            return
+        view = view[n:]
 
 
 class _LocalWriter:

@@ -8,10 +8,12 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -26,20 +28,27 @@ from torch.futures import Future
 
 from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CheckpointExistsError
-from torch_ucp.metadata.codec import encode_metadata, placement_from_json
+from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, crc32c
+from torch_ucp.metadata.fragments import FragmentRows, tensor_key
+from torch_ucp.metadata.header import encode_header
+from torch_ucp.metadata.index import encode_index
+from torch_ucp.metadata.provenance import UCP_KEY, SaveInfo
 from torch_ucp.metadata.schema import (
+    DATA_PREFIX,
+    ITEM_ALIGNMENT,
     METADATA_FILE,
     CheckpointMetadata,
-    Fragment,
-    MeshInfo,
-    ObjectEntry,
+    IndexRef,
+    SaveLayout,
     StoredBytes,
     TensorEntry,
+    ValueEntry,
+    data_object_name,
+    index_object_name,
 )
 from torch_ucp.planner.plan_table import write_item_nbytes
-from torch_ucp.planner.provenance import SaveInfo, flatten_mapping_of
-from torch_ucp.storage.checksum import DEFAULT_ALGORITHM
-from torch_ucp.storage.objects import ITEM_ALIGNMENT, ObjectStream
+from torch_ucp.planner.save_planner import PlannerData
+from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import encode_value
 
@@ -48,7 +57,8 @@ logger = logging.getLogger(__name__)
 if sys.byteorder != "little":  # pragma: no cover - every torch platform today
     raise ImportError("torch_ucp stores raw little-endian bytes and needs a little-endian host")
 
-DATA_PREFIX = "data-"
+RANK_RESULT = "__torch_ucp_rank__"
+"""``WriteResult.index.fqn`` of the one result each rank reports (:class:`RankWritten`)."""
 
 
 @dataclass(frozen=True)
@@ -59,13 +69,15 @@ class _RankAssignment:
     rank: int
 
 
-@dataclass(frozen=True)
-class ItemStored:
-    """``WriteResult.storage_data``: where an item's bytes went and how they are encoded."""
+@dataclass
+class RankWritten:
+    """What one rank reports to the coordinator after writing (DCP gathers it): its fragment
+    index and the values it wrote. No per-fragment object crosses the wire."""
 
-    data: StoredBytes
     rank: int
-    encoding: str | None = None
+    index: IndexRef | None
+    values: list[ValueEntry] = field(default_factory=list)
+    bytes_written: int = 0
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -134,6 +146,7 @@ class UCPWriter(StorageWriter):
         self.checksum_block_bytes = checksum_block_bytes or knobs.checksum_block_bytes()
         self.checksum_algorithm = DEFAULT_ALGORITHM
         self.is_coordinator = False
+        self._stock_writers: dict[str, set[int]] = {}
         self.save_id: str | None = None
         self.bytes_written = 0
         self.metadata: CheckpointMetadata | None = None  # the coordinator's, after a commit
@@ -171,12 +184,15 @@ class UCPWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         assert self.store is not None
-        if not self.overwrite and self.store.exists(METADATA_FILE):
-            raise CheckpointExistsError(
-                f"{self.store.url} already holds a committed checkpoint; pass "
-                "UCPWriter(..., overwrite=True) to replace it"
-            )
-        save_id = new_save_id()
+        check_can_save(self.store, self.overwrite, "UCPWriter")
+        save_id = self.save_id = new_save_id()
+        # plans of a stock planner carry their items: note who writes each tensor (the header
+        # records it; UCPSavePlanner's layout says it itself)
+        self._stock_writers: dict[str, set[int]] = {}
+        for rank, plan in enumerate(plans):
+            for item in plan.items:
+                if item.type != WriteItemType.BYTE_IO:
+                    self._stock_writers.setdefault(item.index.fqn, set()).add(rank)
         return [
             dataclasses.replace(plan, storage_data=_RankAssignment(save_id, rank))
             for rank, plan in enumerate(plans)
@@ -186,34 +202,50 @@ class UCPWriter(StorageWriter):
         assert self.store is not None
         assignment: _RankAssignment = plan.storage_data
         self.save_id = assignment.save_id
+        rank = assignment.rank
         folder = f"{DATA_PREFIX}{assignment.save_id}"
         bins = _balance(list(plan.items), max(1, min(self.threads, len(plan.items))))
 
-        def write_object(k: int, items: list[WriteItem]) -> list[WriteResult]:
-            rel = f"{folder}/{assignment.rank:05d}-{k}.bin"
+        def write_object(k: int, items: list[WriteItem]) -> list[tuple[WriteItem, StoredBytes, str | None]]:
+            rel = data_object_name(assignment.save_id, rank, k)
             return self.store.retrying(
-                lambda: self._write_object(rel, items, planner, assignment.rank),
+                lambda: self._write_object(rel, items, planner),
                 f"writing {self.store.describe(rel)}",
             )
 
         self.store.makedirs(folder)
         if len(bins) <= 1:
-            results = [r for k, b in enumerate(bins) for r in write_object(k, b)]
+            written = [r for k, b in enumerate(bins) for r in write_object(k, b)]
         else:
             with ThreadPoolExecutor(len(bins), "ucp-write") as pool:
                 futures = [pool.submit(write_object, k, b) for k, b in enumerate(bins)]
-                results = [r for f in futures for r in f.result()]
+                written = [r for f in futures for r in f.result()]
+        report = RankWritten(rank, None)
+        tensors = []
+        for item, stored, encoding in written:
+            if encoding is not None:
+                report.values.append(ValueEntry(item.index.fqn, encoding, stored, rank))
+            else:
+                chunk = item.tensor_data.chunk
+                tensors.append((item.index.fqn, chunk.offsets, chunk.sizes, stored))
+        if tensors:
+            keys, rows = index_rows(tensors, rank)
+            blob = encode_index(rank, keys, rows, self.checksum_block_bytes)
+            name = index_object_name(assignment.save_id, rank)
+            self.store.retrying(lambda: self.store.write_object(name, blob), f"writing {self.store.describe(name)}")
+            report.index = IndexRef(rank, name, len(blob), crc32c(blob), len(rows))
         if bins:
             self.store.fsync_dir(folder)
-        self.bytes_written = sum(r.size_in_bytes for r in results)
+        report.bytes_written = self.bytes_written = sum(s.byte_length for _, s, _ in written)
         fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
+        fut.set_result([WriteResult(MetadataIndex(RANK_RESULT), report.bytes_written, report)])
         return fut
 
     def _write_object(
-        self, rel: str, items: list[WriteItem], planner: SavePlanner, rank: int
-    ) -> list[WriteResult]:
-        """Stream ``items`` into one data object; on failure abort it (retries rewrite it)."""
+        self, rel: str, items: list[WriteItem], planner: SavePlanner
+    ) -> list[tuple[WriteItem, StoredBytes, str | None]]:
+        """Stream ``items`` into one data object; on failure abort it (retries rewrite it).
+        Returns, per item, where its bytes went and (values) their encoding."""
         assert self.store is not None
         results = []
         stream = ObjectStream(self.store, rel, ITEM_ALIGNMENT)
@@ -221,13 +253,7 @@ class UCPWriter(StorageWriter):
             for item in items:
                 data, encoding = self._item_bytes(item, planner)
                 stored = stream.append(data, self.checksum_block_bytes, self.checksum_algorithm)
-                results.append(
-                    WriteResult(
-                        index=item.index,
-                        size_in_bytes=len(data),
-                        storage_data=ItemStored(stored, rank, encoding),
-                    )
-                )
+                results.append((item, stored, encoding))
             stream.close()
         except BaseException:
             stream.abort()
@@ -244,29 +270,28 @@ class UCPWriter(StorageWriter):
         return memoryview(planner.resolve_data(item).getvalue()), "torch_save"
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Commit: write the header (``.metadata``) last and atomically, remove data of other
+        saves, and leave DCP a compact ``metadata`` to broadcast to every rank."""
         assert self.store is not None
-        meta = build_checkpoint_metadata(
-            metadata,
-            results,
+        reports = [r.storage_data for rank_results in results for r in rank_results]
+        if not all(isinstance(r, RankWritten) for r in reports):
+            raise CheckpointError("UCPWriter.finish got write results from another storage writer")
+        if isinstance(metadata.planner_data, PlannerData):
+            layout = metadata.planner_data.layout
+        else:  # a stock planner: every tensor's writers were recorded by prepare_global_plan
+            layout = layout_from_dcp(metadata, self._stock_writers)
+        meta = checkpoint_metadata(
+            layout,
+            reports,
+            save_id=self.save_id or new_save_id(),
+            world_size=len(results),
             checksum_algorithm=self.checksum_algorithm,
             checksum_block_bytes=self.checksum_block_bytes,
         )
         self.save_id = meta.save_id
-        self.store.write_atomic(METADATA_FILE, encode_metadata(meta))
+        header = commit(self.store, meta)
         self.metadata = meta
-        self._remove_stale(meta.save_id)
-
-    def _remove_stale(self, save_id: str) -> None:
-        """Delete data of earlier or abandoned saves, never the one just committed."""
-        assert self.store is not None
-        for name in self.store.list_dir(""):
-            stale_data = name.startswith(DATA_PREFIX) and name != f"{DATA_PREFIX}{save_id}"
-            stale_tmp = name.startswith(f"{METADATA_FILE}.tmp-") or name.startswith(
-                f".{METADATA_FILE}.tmp-"
-            )
-            if stale_data or stale_tmp:
-                logger.info("torch_ucp: removing stale %s", self.store.describe(name))
-                self.store.remove(name)
+        compact_broadcast(metadata, meta, header, self.store)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
@@ -276,71 +301,147 @@ class UCPWriter(StorageWriter):
         return isinstance(checkpoint_id, (str, os.PathLike))
 
 
-def build_checkpoint_metadata(
-    metadata: Metadata,
-    results: list[list[WriteResult]],
+def check_can_save(store: Store, overwrite: bool, who: str) -> None:
+    """Refuse to save over a committed checkpoint unless ``overwrite``."""
+    if not overwrite and store.exists(METADATA_FILE):
+        raise CheckpointExistsError(
+            f"{store.url} already holds a committed checkpoint; pass "
+            f"{who}(..., overwrite=True) to replace it"
+        )
+
+
+def commit(store: Store, meta: CheckpointMetadata) -> bytes:
+    """Publish ``meta`` as the checkpoint's header (written last, atomically: the commit
+    point), then delete data of earlier or abandoned saves. Returns the header bytes."""
+    header = encode_header(meta)
+    store.write_atomic(METADATA_FILE, header)
+    remove_stale(store, meta.save_id)
+    return header
+
+
+def remove_stale(store: Store, save_id: str) -> None:
+    """Delete data of earlier or abandoned saves, never the one just committed."""
+    for name in store.list_dir(""):
+        stale_data = name.startswith(DATA_PREFIX) and name != f"{DATA_PREFIX}{save_id}"
+        stale_tmp = name.startswith(f"{METADATA_FILE}.tmp-") or name.startswith(f".{METADATA_FILE}.tmp-")
+        if stale_data or stale_tmp:
+            logger.info("torch_ucp: removing stale %s", store.describe(name))
+            store.remove(name)
+
+
+def index_rows(
+    fragments: Sequence[tuple[str, Sequence[int], Sequence[int], StoredBytes]], rank: int
+) -> tuple[np.ndarray, FragmentRows]:
+    """The fragment-index rows of ``(fqn, offsets, lengths, stored)`` fragments a rank wrote,
+    and their tensor keys."""
+    n = len(fragments)
+    ndim = max((len(o) for _, o, _, _ in fragments), default=0)
+    offsets = np.zeros((n, ndim), dtype=np.int64)
+    lengths = np.ones((n, ndim), dtype=np.int64)
+    names: dict[str, int] = {}
+    obj = np.empty(n, dtype=np.int32)
+    byte_offset = np.empty(n, dtype=np.int64)
+    byte_length = np.empty(n, dtype=np.int64)
+    counts = np.empty(n, dtype=np.int64)
+    keys = np.empty(n, dtype=np.uint64)
+    key_of: dict[str, int] = {}
+    checksums: list[int] = []
+    for i, (fqn, off, lens, stored) in enumerate(fragments):
+        offsets[i, : len(off)] = off
+        lengths[i, : len(lens)] = lens
+        key = key_of.get(fqn)
+        if key is None:
+            key = key_of[fqn] = tensor_key(fqn)
+        keys[i] = key
+        obj[i] = names.setdefault(stored.object, len(names))
+        byte_offset[i] = stored.byte_offset
+        byte_length[i] = stored.byte_length
+        counts[i] = len(stored.checksums)
+        checksums.extend(stored.checksums)
+    rows = FragmentRows(
+        tensor=np.zeros(n, dtype=np.int64),
+        offsets=offsets,
+        lengths=lengths,
+        objects=list(names),
+        object=obj,
+        byte_offset=byte_offset,
+        byte_length=byte_length,
+        checksum_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        checksums=np.array(checksums, dtype=np.uint32),
+        rank=np.full(n, rank, dtype=np.int32),
+    )
+    return keys, rows
+
+
+def checkpoint_metadata(
+    layout: SaveLayout,
+    reports: Sequence[RankWritten],
     *,
+    save_id: str,
+    world_size: int,
     checksum_algorithm: str,
     checksum_block_bytes: int,
 ) -> CheckpointMetadata:
-    """Join DCP's global metadata with every rank's write results into the torch_ucp format."""
-    stored: dict[MetadataIndex, ItemStored] = {
-        r.index: r.storage_data for rank_results in results for r in rank_results
-    }
-    info = SaveInfo.from_planner_data(metadata.planner_data) or SaveInfo()
-    save_ids = {s.data.object.split("/", 1)[0] for s in stored.values()}
-    save_id = next(iter(save_ids))[len(DATA_PREFIX):] if save_ids else new_save_id()
-    tensors: dict[str, TensorEntry] = {}
-    objects: dict[str, ObjectEntry] = {}
-    for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            s = stored.get(MetadataIndex(fqn))
-            if s is None:
-                raise CheckpointError(f"no rank reported writing value {fqn!r}")
-            objects[fqn] = ObjectEntry(fqn, s.encoding or "torch_save", s.data, s.rank)
-            continue
-        assert isinstance(md, TensorStorageMetadata)
-        tinfo = info.tensors.get(fqn, {})
-        fragments = []
-        for chunk, (_, coordinate) in zip(md.chunks, info.sources(fqn, len(md.chunks))):
-            s = stored.get(MetadataIndex(fqn, chunk.offsets))
-            if s is None:
-                raise CheckpointError(
-                    f"no rank reported writing {fqn!r} fragment at offsets {list(chunk.offsets)}"
-                )
-            fragments.append(
-                Fragment(
-                    offsets=tuple(chunk.offsets),
-                    lengths=tuple(chunk.sizes),
-                    data=s.data,
-                    rank=s.rank,
-                    coordinate=coordinate,
-                )
-            )
-        placements = tinfo.get("placements")
-        tensors[fqn] = TensorEntry(
-            fqn=fqn,
-            dtype=md.properties.dtype,
-            shape=tuple(md.size),
-            fragments=fragments,
-            mesh=tinfo.get("mesh"),
-            placements=tuple(placement_from_json(p) for p in placements) if placements else None,
+    """The header of a save: the planner's layout joined with what every rank reported."""
+    values: dict[str, ValueEntry] = {}
+    for report in reports:
+        for v in report.values:
+            values[v.fqn] = v
+    indexes = sorted((r.index for r in reports if r.index is not None), key=lambda i: i.rank)
+    rows = sum(i.rows for i in indexes)
+    expected = sum(t.fragments for t in layout.tensors.values())
+    if rows != expected:
+        raise CheckpointError(
+            f"ranks reported {rows} fragments written, the plan has {expected}; nothing was committed"
         )
+    missing = [fqn for fqn in layout.flatten_mapping if fqn not in layout.tensors and fqn not in values]
+    if missing:
+        raise CheckpointError(f"no rank reported writing value(s) {missing[:10]}; nothing was committed")
     return CheckpointMetadata(
         save_id=save_id,
-        world_size=len(results),
-        tensors=tensors,
-        objects=objects,
-        meshes=[
-            MeshInfo(tuple(m["shape"]), tuple(m["dim_names"]) if m.get("dim_names") else None)
-            for m in info.meshes
-        ],
-        flatten_mapping=flatten_mapping_of(metadata.planner_data),
+        world_size=world_size,
+        tensors=layout.tensors,
+        values=values,
+        meshes=layout.meshes,
+        flatten_mapping=layout.flatten_mapping,
         checksum_algorithm=checksum_algorithm,
         checksum_block_bytes=checksum_block_bytes,
-        patterns=info.patterns,
+        patterns=layout.patterns,
+        rotate_min_bytes=layout.rotate_min_bytes,
+        indexes=indexes,
         torch_version=torch.__version__,
         created=time.time(),
     )
 
 
+def layout_from_dcp(metadata: Metadata, writers: dict[str, set[int]]) -> SaveLayout:
+    """The layout of a save planned by a stock planner: DCP's tensors with recorded writers."""
+    planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    info = SaveInfo.from_planner_data(planner_data)
+    layout = SaveLayout(patterns=info.patterns if info is not None else [])
+    layout.flatten_mapping = {k: list(v) for k, v in planner_data.items() if k != UCP_KEY}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            layout.flatten_mapping.setdefault(fqn, [fqn])
+            continue
+        assert isinstance(md, TensorStorageMetadata)
+        layout.tensors[fqn] = TensorEntry(
+            fqn=fqn,
+            dtype=md.properties.dtype,
+            shape=tuple(md.size),
+            fragments=len(md.chunks),
+            writers=tuple(sorted(writers.get(fqn, ()))),
+        )
+        layout.flatten_mapping.setdefault(fqn, [fqn])
+    return layout
+
+
+def compact_broadcast(metadata: Metadata, meta: CheckpointMetadata, header: bytes, store: Store) -> None:
+    """Make ``metadata`` (what DCP broadcasts to every rank and ``dcp.save`` returns) compact:
+    its state-dict metadata becomes a view of the committed checkpoint that pickles as the
+    header bytes, and fragment rows are only read if someone asks for chunks."""
+    from torch_ucp.storage.reader import CommittedStateDict
+
+    metadata.state_dict_metadata = CommittedStateDict(store, header)
+    metadata.planner_data = {k: tuple(v) for k, v in meta.flatten_mapping.items()}
+    metadata.storage_meta = StorageMeta(checkpoint_id=store.url, save_id=meta.save_id)

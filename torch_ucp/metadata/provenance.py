@@ -1,16 +1,24 @@
-"""Per-fragment provenance carried through DCP's plans and metadata as plain JSON.
+"""torch_ucp's layout record inside a *stock* DCP checkpoint, as plain JSON.
 
-DCP's ``Metadata.planner_data`` must stay a flatten mapping (stock loaders read it), so torch_ucp
-adds one extra key, :data:`UCP_KEY`, holding a JSON string: readable by any unpickler, with no
-torch_ucp class inside, so a stock DCP checkpoint written with :class:`UCPSavePlanner` loads
-without torch_ucp installed.
+When :class:`~torch_ucp.UCPSavePlanner` is used with a stock writer (``FileSystemWriter``), the
+checkpoint is stock DCP: DCP pickles ``Metadata`` into ``.metadata``. Its ``planner_data`` must
+stay a flatten mapping (stock loaders read it), so torch_ucp adds one extra key,
+:data:`UCP_KEY`, holding a JSON string: readable by any unpickler, with no torch_ucp class
+inside, so such a checkpoint loads without torch_ucp installed. It records the meshes,
+placements, patterns and the writer of every chunk (docs/FORMAT.md, "Stock DCP checkpoints").
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+
+from torch_ucp.metadata.fields import mesh_to_json, placement_to_json
+from torch_ucp.metadata.schema import SaveLayout
 
 UCP_KEY = "__torch_ucp__"
 
@@ -65,3 +73,28 @@ def flatten_mapping_of(planner_data: Any) -> dict[str, list[Any]]:
     if not isinstance(planner_data, dict):
         return {}
     return {k: list(v) for k, v in planner_data.items() if k != UCP_KEY}
+
+
+def save_info(layout: SaveLayout, chunk_writers: Mapping[str, Sequence[int]]) -> SaveInfo:
+    """The stock-checkpoint record of ``layout``, with the writer rank of every chunk of each
+    tensor (aligned with the tensor's chunks in DCP's metadata)."""
+    info = SaveInfo(patterns=list(layout.patterns))
+    for mesh in layout.meshes:
+        entry = mesh_to_json(mesh)
+        entry.pop("ranks", None)
+        coordinates = {}
+        if mesh.ranks is not None:
+            coords = np.stack(np.unravel_index(np.arange(mesh.size), mesh.shape), axis=1).tolist()
+            coordinates = {str(r): c for r, c in zip(mesh.ranks, coords)}
+        info.meshes.append({**entry, "coordinates": coordinates})
+    for fqn, t in layout.tensors.items():
+        ranks = [int(r) for r in chunk_writers.get(fqn, ())]
+        if t.mesh is None:
+            info.tensors[fqn] = {"ranks": ranks}
+        else:
+            info.tensors[fqn] = {
+                "mesh": t.mesh,
+                "placements": [placement_to_json(p) for p in t.placements or ()],
+                "ranks": ranks,
+            }
+    return info

@@ -1,0 +1,40 @@
+"""Every private PyTorch API torch_ucp relies on, behind one version guard.
+
+torch_ucp is tested on torch 2.13; the names below are private in that release (leading
+underscore or an internal module). Keeping them here means a torch upgrade that moves one of
+them breaks exactly one file, and the guard below says which release was tested.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+TESTED_TORCH = "2.13"
+"""The torch release every private API below was checked against."""
+
+StridedShard = _StridedShard
+"""``_StridedShard``: FSDP2 + TP (or EP + FSDP) sharding of one dim over two mesh dims."""
+
+
+def split_factor(p: _StridedShard) -> int:
+    """A ``_StridedShard``'s split factor as a Python int."""
+    return int(p._split_factor_int())
+
+
+def split_indices(p: Shard, indices: torch.Tensor, num_chunks: int) -> list[torch.Tensor]:
+    """The pieces of a 1-D index vector that ``p`` (``Shard`` or ``_StridedShard``, any dim)
+    gives each of ``num_chunks`` mesh positions, replaying torch's own ``_split_tensor`` so
+    that uneven and strided layouts follow torch's semantics exactly."""
+    as_dim0 = _StridedShard(0, split_factor=split_factor(p)) if isinstance(p, _StridedShard) else Shard(0)
+    pieces, _ = as_dim0._split_tensor(indices, num_chunks, with_padding=False, contiguous=False)
+    return list(pieces)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard without autograd bookkeeping (``DTensor._local_tensor``); a
+    plain tensor as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
