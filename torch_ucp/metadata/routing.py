@@ -11,7 +11,7 @@ tensor table alone:
   the coordinate over all *sharding* mesh dims ``S``, of every fragment the box overlaps. A
   fragment held by several ranks (replicated over the other mesh dims ``Q``) was written by one
   of them, chosen by a rule the save planner applies and any reader can replay
-  (:func:`rotated_replicas`)::
+  (:func:`rule_writers`)::
 
       q = 0                              if replicas == 1 or the tensor's bytes per shard
                                             (nbytes // shards, integer) < rotate_min_bytes
@@ -53,12 +53,10 @@ def physical_shape(entry: TensorEntry) -> tuple[int, ...]:
     return entry.shape[:d] + (entry.dim_map.physical_size,) + entry.shape[d + 1 :]
 
 
-def mesh_split(entry: TensorEntry, mesh: MeshInfo) -> tuple[list[int], list[int]]:
-    """``(S, Q)``: the sharding and the replicating mesh dims of ``entry``'s placements."""
-    assert entry.placements is not None
-    s = [m for m, p in enumerate(entry.placements) if p.kind in SHARD_KINDS]
-    q = [m for m in range(len(mesh.shape)) if m not in s]
-    return s, q
+def split_dims(placements: Sequence[PlacementInfo], mesh_ndim: int) -> tuple[list[int], list[int]]:
+    """``(S, Q)``: the mesh dims whose placement shards, and those that replicate."""
+    s = [m for m, p in enumerate(placements) if p.kind in SHARD_KINDS]
+    return s, [m for m in range(mesh_ndim) if m not in s]
 
 
 def rotated_replicas(
@@ -72,39 +70,33 @@ def rotated_replicas(
     return np.where(small, 0, (np.asarray(sigma_linear, dtype=np.int64) + t) % replicas)
 
 
-def is_small(entry: TensorEntry, mesh: MeshInfo, rotate_min_bytes: int) -> bool:
-    """Whether the tensor's bytes per shard are below the rotation threshold."""
-    s_dims, _ = mesh_split(entry, mesh)
-    return entry.nbytes // max(math.prod(mesh.shape[m] for m in s_dims), 1) < rotate_min_bytes
-
-
-def writer_coordinates(
-    mesh_shape: Sequence[int], s_dims: Sequence[int], q_dims: Sequence[int], sigma: np.ndarray, q: np.ndarray
+def rule_writers(
+    mesh: MeshInfo,
+    placements: Sequence[PlacementInfo],
+    sigma: np.ndarray,
+    t: np.ndarray | int,
+    nbytes: np.ndarray | int,
+    rotate_min_bytes: int,
 ) -> np.ndarray:
-    """Flat (C-order) mesh positions of the writers: ``sigma`` on ``s_dims``, ``q`` unravelled
-    on ``q_dims``."""
-    coords = np.zeros((len(q), len(mesh_shape)), dtype=np.int64)
-    if len(s_dims):
-        coords[:, list(s_dims)] = sigma
-    if len(q_dims):
-        coords[:, list(q_dims)] = np.stack(np.unravel_index(q, [mesh_shape[m] for m in q_dims]), axis=1)
-    return np.ravel_multi_index(coords.T, tuple(mesh_shape)) if len(mesh_shape) else np.zeros(len(q), dtype=np.int64)
-
-
-def writer_ranks(
-    entry: TensorEntry, t: int, mesh: MeshInfo, sigma: np.ndarray, rotate_min_bytes: int
-) -> np.ndarray:
-    """Global ranks writing the fragments of the shard coordinates ``sigma`` (``[k, |S|]``
-    components over the sharding mesh dims, in mesh order)."""
-    s_dims, q_dims = mesh_split(entry, mesh)
+    """The ranks that write the fragments of shards ``sigma`` (``[k, |S|]`` coordinates over
+    the sharding mesh dims, in mesh order) of tensors at table positions ``t`` with ``nbytes``
+    bytes each (scalars or arrays of ``k``): the rule of the module docstring. The save
+    planner applies it; readers replay it."""
+    s_dims, q_dims = split_dims(placements, len(mesh.shape))
     sigma = np.asarray(sigma, dtype=np.int64)
     if sigma.ndim == 1:
         sigma = sigma.reshape(-1, len(s_dims))
     s_shape = [mesh.shape[m] for m in s_dims]
     sigma_linear = np.ravel_multi_index(sigma.T, s_shape) if s_dims else np.zeros(len(sigma), dtype=np.int64)
-    replicas = math.prod(mesh.shape[m] for m in q_dims)
-    q = rotated_replicas(sigma_linear, np.int64(t), replicas, np.bool_(is_small(entry, mesh, rotate_min_bytes)))
-    return mesh.rank_array[writer_coordinates(mesh.shape, s_dims, q_dims, sigma, q)]
+    shards = math.prod(s_shape)
+    small = np.asarray(nbytes, dtype=np.int64) // max(shards, 1) < rotate_min_bytes
+    q = np.broadcast_to(rotated_replicas(sigma_linear, t, math.prod(mesh.shape[m] for m in q_dims), small), (len(sigma),))
+    coords = np.zeros((len(sigma), len(mesh.shape)), dtype=np.int64)
+    if s_dims:
+        coords[:, s_dims] = sigma
+    if q_dims:
+        coords[:, q_dims] = np.stack(np.unravel_index(q, [mesh.shape[m] for m in q_dims]), axis=1)
+    return mesh.rank_array[np.ravel_multi_index(coords.T, mesh.shape)]
 
 
 def derivable(entry: TensorEntry, meshes: Sequence[MeshInfo]) -> bool:
@@ -136,7 +128,7 @@ def box_writers(
     sigma = shard_coordinates(
         physical_shape(entry), mesh.shape, entry.placements, entry.dim_map, tuple(offsets), tuple(lengths)
     )
-    return np.unique(writer_ranks(entry, t, mesh, sigma, rotate_min_bytes))
+    return np.unique(rule_writers(mesh, entry.placements, sigma, t, entry.nbytes, rotate_min_bytes))
 
 
 @functools.lru_cache(maxsize=16384)

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from torch_ucp.metadata.dtypes import name_to_dtype
 from torch_ucp.metadata.fields import Fields
-from torch_ucp.metadata.routing import rotated_replicas, writer_coordinates
+from torch_ucp.metadata.routing import rule_writers, split_dims
 from torch_ucp.metadata.schema import ROTATE_MIN_BYTES, DimMap, MeshInfo, PlacementInfo, Segment
 from torch_ucp.planner.plan_table import BYTES, LocalPlanTable, WriterAssignment
 
@@ -439,21 +439,12 @@ def _derive(
     for lid in np.unique(lids).tolist():
         g = groups[lids == lid]
         mesh, placements = layouts[lid].mesh, layouts[lid].placements
-        s_dims = [m for m, p in enumerate(placements) if p.kind in ("shard", "strided_shard")]
-        q_dims = [m for m in range(len(mesh.shape)) if m not in s_dims]
-        shards = math.prod(mesh.shape[m] for m in s_dims)
-        replicas = math.prod(mesh.shape[m] for m in q_dims)
+        s_dims, _ = split_dims(placements, len(mesh.shape))
         position = np.full(world, -1, dtype=np.int64)
         position[mesh.rank_array] = np.arange(mesh.size, dtype=np.int64)
         coords = np.stack(np.unravel_index(position[rank[first[g]]], mesh.shape), axis=1)
-        sigma = coords[:, s_dims]
-        sigma_linear = (
-            np.ravel_multi_index(sigma.T, [mesh.shape[m] for m in s_dims]) if s_dims else np.zeros(len(g), np.int64)
-        )
         gk = group_key[g]
-        small = key_bytes[gk] // max(shards, 1) < rotate_min_bytes
-        q = rotated_replicas(sigma_linear, ordinal[gk], replicas, small)
-        chosen = mesh.rank_array[writer_coordinates(mesh.shape, s_dims, q_dims, sigma, q)]
+        chosen = rule_writers(mesh, placements, coords[:, s_dims], ordinal[gk], key_bytes[gk], rotate_min_bytes)
         # is the chosen rank among the group's holders (ascending in sorted order)?
         member_rows = np.repeat(starts[g], holders[g]) + _ranges(holders[g])
         members = np.repeat(np.arange(len(g), dtype=np.int64), holders[g]) * world + rank[order[member_rows]]
