@@ -59,7 +59,7 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch_ucp import UCPSavePlanner, UCPWriter  # noqa: E402
-from torch_ucp.async_save import AsyncSaver  # noqa: E402
+from torch_ucp.asynchronous import AsyncSaver  # noqa: E402
 from torch_ucp.demo.launch import run_distributed  # noqa: E402
 from torch_ucp.demo.model import ModelConfig, build, train_step  # noqa: E402
 

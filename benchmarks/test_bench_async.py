@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from async_save_bench import format_table, run  # noqa: E402
 
 from torch_ucp import UCPSavePlanner, UCPWriter, open_checkpoint  # noqa: E402
-from torch_ucp.async_save import AsyncSaver  # noqa: E402
+from torch_ucp.asynchronous import AsyncSaver  # noqa: E402
 
 MiB = 2**20
 
