@@ -5,8 +5,8 @@
 
 Two gloo ranks train an MLP of ``--layers`` Linear(dim, dim) layers with FSDP2 and AdamW (the
 default, 16 x 1536^2, is 453 MiB of model and optimizer state, 226 MiB per rank) and save
-``{"train": Stateful(model, optim), "step": n}`` in each mode, one fresh pair of processes per
-mode:
+``{"train": Stateful(model, optim), "step": n}`` in each mode, all modes interleaved in one pair
+of processes (each async mode with its own staging pool):
 
 * ``sync``: ``dcp.save`` with ``UCPWriter`` and ``UCPSavePlanner`` (the reference);
 * ``async default``: ``torch_ucp.async_save`` (the caller copies into the staging pool);
@@ -20,8 +20,9 @@ mode:
 **Training time lost per save** for N steps: the wall time from the save call until N training
 steps are done *and* the save is committed (what a save every N steps costs: the next save
 would wait for this one), minus the wall time of N steps with no save, measured in the same
-process right before (so load from other processes affects both alike). Each mode runs
-``--rounds`` rounds of N = 1, 3, 10 and reports the median over rounds of the worse rank.
+processes right before. Each round runs every mode for N = 1, 3, 10 in turn, so load from
+other processes on the machine affects all modes alike; the table has the median over
+``--rounds`` rounds of the worse rank.
 ``blocked`` is how long the save call itself kept the caller; ``save`` is call to commit.
 
 With ``--device cuda`` (where CUDA exists; skipped elsewhere) one process trains the same MLP
@@ -169,9 +170,11 @@ def _local_bytes(state: Any) -> int:
     return 0
 
 
-def bench_rank(mode: str, base: str, layers: int, dim: int, batch: int, rounds: int,
+def bench_rank(modes: list[str], base: str, layers: int, dim: int, batch: int, rounds: int,
                steps: list[int], bounded_fraction: float, device: str) -> dict[str, Any]:
-    """``rounds`` x (for each N: N steps alone, then a save and N steps); seconds per window."""
+    """``rounds`` x (for each mode, for each N: N steps alone, then a save and N steps), all
+    modes interleaved in one pair of processes so that load from other processes on the machine
+    affects every mode alike; seconds per window."""
     torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
     model = _mlp(layers, dim, device)
     if device == "cpu":
@@ -183,31 +186,29 @@ def bench_rank(mode: str, base: str, layers: int, dim: int, batch: int, rounds: 
     gen = torch.Generator(device=device).manual_seed(dist.get_rank())
     x = torch.randn(batch, dim, generator=gen, device=device)
 
-    def sync_device() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     def train_step() -> None:
         model(x).square().mean().backward()
         optim.step()
         optim.zero_grad()
-        sync_device()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     for _ in range(2):  # optimizer state exists from here on
         train_step()
     app = {"train": TrainState(model, optim), "step": 0}
     state_bytes = _local_bytes(TrainState(model, optim).state_dict())
-    group = dist.new_group(backend="gloo") if mode == "stock dcp.async_save" else None
-    saver = AsyncSaver()
-    saving = _Saving(mode, saver, optim, group, bounded_bytes=int(state_bytes * bounded_fraction))
+    group = dist.new_group(backend="gloo")  # stock dcp.async_save's, as TorchTitan makes one
+    savers = {m: AsyncSaver() for m in modes if m.startswith("async")}  # a staging pool each
+    savings = {m: _Saving(m, savers.get(m), optim, group,
+                          bounded_bytes=int(state_bytes * bounded_fraction)) for m in modes}
     rank = dist.get_rank()
     counter = iter(range(10**6))
 
-    def save_window(n: int) -> dict[str, float]:
+    def save_window(mode: str, n: int) -> dict[str, float]:
         url = os.path.join(base, f"save-{next(counter)}")
         dist.barrier()
         t0 = time.perf_counter()
-        done, handle = saving.start(app, url)
+        done, handle = savings[mode].start(app, url)
         blocked = time.perf_counter() - t0
         committed = [t0 + blocked if done is None else None]
         if done is not None:
@@ -231,34 +232,36 @@ def bench_rank(mode: str, base: str, layers: int, dim: int, batch: int, rounds: 
             train_step()
         return time.perf_counter() - t0
 
-    save_window(1)  # first save of the process: staging pool, checkpoint group, page cache
-    out: dict[str, Any] = {"state_bytes": state_bytes, "rounds": []}
+    for mode in modes:  # first save of each: staging pool, checkpoint group, page cache
+        save_window(mode, 1)
+    out: dict[str, Any] = {"state_bytes": state_bytes, "rounds": {m: [] for m in modes}}
     for _ in range(rounds):
-        row = {}
-        for n in steps:
-            alone = steps_window(n)
-            row[str(n)] = {"alone": alone, **save_window(n)}
-        out["rounds"].append(row)
-    step_times = [steps_window(1) for _ in range(3)]
-    out["step"] = statistics.median(step_times)
-    saver.close()
+        for mode in modes:
+            row = {}
+            for n in steps:
+                alone = steps_window(n)
+                row[str(n)] = {"alone": alone, **save_window(mode, n)}
+            out["rounds"][mode].append(row)
+    out["step"] = statistics.median(steps_window(1) for _ in range(3))
+    for saver in savers.values():
+        saver.close()
     return out
 
 
 # -- table -------------------------------------------------------------------------------------
 
 
-def summarize(results: dict[str, list[dict[str, Any]]], steps: list[int]) -> list[dict[str, Any]]:
+def summarize(per_rank: list[dict[str, Any]], steps: list[int]) -> list[dict[str, Any]]:
     """One row per mode: per round the worse rank's windows, then the median over rounds."""
     rows = []
-    for mode, per_rank in results.items():
-        row: dict[str, Any] = {"mode": mode, "state_bytes": per_rank[0]["state_bytes"],
-                               "step": max(r["step"] for r in per_rank)}
+    step = max(r["step"] for r in per_rank)
+    for mode in per_rank[0]["rounds"]:
+        row: dict[str, Any] = {"mode": mode, "state_bytes": per_rank[0]["state_bytes"], "step": step}
         blocked, save = [], []
         for n in map(str, steps):
             lost = []
-            for i in range(len(per_rank[0]["rounds"])):
-                windows = [r["rounds"][i][n] for r in per_rank]
+            for i in range(len(per_rank[0]["rounds"][mode])):
+                windows = [r["rounds"][mode][i][n] for r in per_rank]
                 lost.append(max(w["window"] for w in windows) - max(w["alone"] for w in windows))
                 blocked.append(max(w["blocked"] for w in windows))
                 save.append(max(w["save"] for w in windows))
@@ -293,15 +296,12 @@ def run(layers: int, dim: int, batch: int, rounds: int, steps: list[int], bounde
     world = 2 if device == "cpu" else 1
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
-    results = {}
     try:
-        for mode in modes:
-            path = os.path.join(directory, mode.replace(" ", "-"))
-            results[mode] = run_distributed(bench_rank, world, mode, path, layers, dim, batch,
-                                            rounds, steps, bounded_fraction, device)
+        per_rank = run_distributed(bench_rank, world, modes, directory, layers, dim, batch,
+                                   rounds, steps, bounded_fraction, device)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return summarize(results, steps)
+    return summarize(per_rank, steps)
 
 
 def main() -> int:

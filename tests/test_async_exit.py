@@ -190,3 +190,13 @@ def test_wait_waits_for_the_save_and_reraises_its_failure(tmp_path):
     ckpt = open_checkpoint(url)
     values = expected_state()
     assert torch.equal(ckpt.read("layer3"), values["layer3"])  # before train_on()
+
+
+def test_async_save_is_the_function_and_its_package_is_torch_ucp_asynchronous():
+    import torch_ucp
+    import torch_ucp.asynchronous as package
+
+    assert callable(torch_ucp.async_save) and torch_ucp.async_save is package.async_save
+    assert torch_ucp.wait is package.wait
+    assert callable(package.close)  # was shadowed by the function under the old name
+    assert "No save is lost" in package.__doc__  # what help(torch_ucp.asynchronous) shows

@@ -128,7 +128,7 @@ class AsyncSaveHandle:
         self.checkpoint_id = checkpoint_id
         self.stats = AsyncSaveStats()
         self._staged: Future[None] = Future()
-        self._done: Future[Metadata] = inflight.ObservedFuture()
+        self._done: inflight.ObservedFuture = inflight.ObservedFuture()  # of Metadata
         self._lock = threading.Lock()
 
     def staged(self) -> Future[None]:
@@ -338,6 +338,7 @@ class AsyncSaver:
             except BaseException as e:
                 job.error = e  # the peers are about to save: fail it on every rank
                 self._start(job, group)
+                handle._done.seen = True  # this caller gets the error right here
                 raise
             self._start(job, group)
             if optimizers is None and job.streaming is not None:
