@@ -235,7 +235,9 @@ def bench_rank(modes: list[str], base: str, layers: int, dim: int, batch: int, r
     for mode in modes:  # first save of each: staging pool, checkpoint group, page cache
         save_window(mode, 1)
     out: dict[str, Any] = {"state_bytes": state_bytes, "rounds": {m: [] for m in modes}}
-    for _ in range(rounds):
+    for r in range(rounds):
+        if rank == 0:
+            print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
         for mode in modes:
             row = {}
             for n in steps:

@@ -1,5 +1,5 @@
 """TorchTitan through torch_ucp (issue 13): the real ``torchtitan`` package, its llama3 model
-(``debugmodel`` flavor) parallelized by ``parallelize_llama`` with FSDP2 x TP on 4 CPU gloo
+(``debugmodel`` flavor, 2 of its 6 layers) parallelized by ``parallelize_llama`` with FSDP2 x TP on 4 CPU gloo
 ranks, saved by :class:`torch_ucp.integrations.torchtitan.UCPCheckpointManager` (sync, async
 and async-with-pinned-memory to local disk, async to S3 with storage options), then loaded by
 the same manager on 2 ranks FSDP-only. Every model and optimizer tensor equals the reference
@@ -88,6 +88,7 @@ def _build(dp_shard: int, tp: int):
         spmd_backend="partial_dtensor",
     )
     model_config = model_registry("debugmodel").model
+    model_config.layers = model_config.layers[:2]  # of 6: the test's time is the model's size
     set_llama3_sharding_config(model_config, enable_sp=parallelism.enable_sequence_parallel)
     with torch.device("meta"):
         model = model_config.build()
