@@ -555,6 +555,9 @@ def async_save(
             caught by its version counter and fails the save on every rank instead of writing
             a torn checkpoint; a change through another tensor over the same memory is not
             seen (FSDP2's ``state_dict()`` returns such tensors for its parameters).
+            The call returns sooner, but the copy still competes with training for the same
+            cores: measured as training time lost per save, it did not beat the default
+            (docs/PERFORMANCE.md, ``benchmarks/async_save_bench.py``).
         **storage_options: passed to :class:`torch_ucp.UCPWriter` with a URL
             (``endpoint_url=``, ``key=`` ...).
 

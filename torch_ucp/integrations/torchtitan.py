@@ -49,8 +49,8 @@ from torch_ucp.asynchronous import async_save
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.storage import UCPReader, UCPWriter
 
-# Measured with benchmarks/async_save_bench.py (docs/PERFORMANCE.md): the mode of async save
-# that costs training the least time per save.
+# The async mode that cost training the least time per save in benchmarks/async_save_bench.py
+# (docs/PERFORMANCE.md): the save call copies into the staging pool.
 DEFAULT_STAGE_BEFORE_STEP = False
 
 __all__ = ["UCPCheckpointManager"]
