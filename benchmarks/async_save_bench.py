@@ -1,45 +1,39 @@
-"""Asynchronous save during a CPU training loop: what the caller pays, and what training pays.
+"""Asynchronous save measured as training time lost.
 
-    python benchmarks/async_save_bench.py [--size-mb 300] [--saves 6] [--steps-per-save 3]
-                                          [--bounded-fraction 0.25] [--dir /tmp/ucp-async-bench]
+    python benchmarks/async_save_bench.py [--layers 16] [--dim 1536] [--batch 64] [--rounds 3]
+                                          [--steps 1,3,10] [--modes ...] [--device cpu|cuda]
 
-Two gloo ranks train the demo Llama-style model (FSDP2 + AdamW; model and optimizer state of
-``--size-mb`` in total) and checkpoint ``{"train": Stateful(model, optim), "step": n}`` every
-``--steps-per-save`` steps, in one fresh pair of processes per mode:
+Two gloo ranks train an MLP of ``--layers`` Linear(dim, dim) layers with FSDP2 and AdamW (the
+default, 16 x 1536^2, is 453 MiB of model and optimizer state, 226 MiB per rank) and save
+``{"train": Stateful(model, optim), "step": n}`` in each mode, all modes interleaved in one pair
+of processes (each async mode with its own staging pool):
 
-* ``no checkpoint``: the training steps alone (the step-time baseline);
-* ``sync ucp`` / ``sync stock``: ``dcp.save`` with ``UCPWriter`` / ``FileSystemWriter``;
-* ``async ucp``: ``torch_ucp.async_save`` (staging pool, dedicated gloo group);
-* ``async ucp overlap``: the same with ``stage_before_step=optimizer``: the copy into the pool
-  overlaps the next forward/backward and the optimizer step waits for it if needed;
-* ``async ucp bounded``: the same with ``max_staging_bytes`` = ``--bounded-fraction`` of the
-  state (the writer copies the rest while the caller waits);
-* ``async stock``: ``dcp.async_save(storage_writer=FileSystemWriter, process_group=<gloo>)``.
+* ``sync``: ``dcp.save`` with ``UCPWriter`` and ``UCPSavePlanner`` (the reference);
+* ``async default``: ``torch_ucp.async_save`` (the caller copies into the staging pool);
+* ``async stage_before_step``: the same with ``stage_before_step=optimizer`` (the copy runs in
+  the background and the optimizer's next step waits for it);
+* ``async bounded``: the same with ``max_staging_bytes`` = ``--bounded-fraction`` of the state
+  (the writer copies the rest while the caller waits);
+* ``stock dcp.async_save``: ``dcp.async_save(storage_writer=FileSystemWriter,
+  process_group=<gloo>)``, the reference for async.
 
-Each mode first makes two saves back to back with no training running (the first checkpoint
-of the process: it allocates torch_ucp's staging pool), sampling resident memory, then
-``--saves`` saves during training. Columns (per rank medians, worst rank):
+**Training time lost per save** for N steps: the wall time from the save call until N training
+steps are done *and* the save is committed (what a save every N steps costs: the next save
+would wait for this one), minus the wall time of N steps with no save, measured in the same
+processes right before. Each round runs every mode for N = 1, 3, 10 in turn, so load from
+other processes on the machine affects all modes alike; the table has the median over
+``--rounds`` rounds of the worse rank.
+``blocked`` is how long the save call itself kept the caller; ``save`` is call to commit.
 
-* ``save s``: call to committed checkpoint (synchronous: the call itself);
-* ``blocked s``: how long the caller waits in the save call (taking ``state_dict()`` included),
-  plus, with ``overlap``, the time optimizer steps waited for staging; ``1st save``: the same
-  for the first checkpoint of the process;
-* ``blocked/sync``: blocked time over the synchronous save of the same state with the same
-  writer (``sync ucp`` for torch_ucp, ``sync stock`` for stock DCP);
-* ``step s``, ``in save`` and ``slowdown``: training step time with no save running and while
-  a background save runs, in the same run (steps of both kinds alternate, so load from other
-  processes on the machine affects both alike); ``no checkpoint`` gives the plain step time;
-* ``peak RSS``: the largest resident-memory increase during the two back-to-back saves over
-  the memory before the first checkpoint (after ``malloc_trim``, so that memory training freed
-  but the allocator kept does not hide a save's allocations), over this rank's state size
-  (the staging pool stays resident between saves, so it counts).
+With ``--device cuda`` (where CUDA exists; skipped elsewhere) one process trains the same MLP
+on one GPU without FSDP (gloo has no CUDA reduce-scatter), so the state is plain CUDA tensors
+staged into the pinned pool with copies on a side stream.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import os
 import shutil
 import statistics
@@ -55,23 +49,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch_ucp import UCPSavePlanner, UCPWriter  # noqa: E402
-from torch_ucp.async_save import AsyncSaver  # noqa: E402
+from torch_ucp.asynchronous import AsyncSaver  # noqa: E402
 from torch_ucp.demo.launch import run_distributed  # noqa: E402
-from torch_ucp.demo.model import ModelConfig, build, train_step  # noqa: E402
 
-MODES = ["no checkpoint", "sync ucp", "sync stock", "async ucp", "async ucp overlap",
-         "async ucp bounded", "async stock"]
-BYTES_PER_DIM2 = 12 * 2 * (4 + 3 * 11 / 4)  # fp32 param + 2 AdamW states, 2 layers, ffn = 2.75 d
-
-
-def model_config(size_mb: float) -> ModelConfig:
-    dim = max(64, round(math.sqrt(size_mb * 2**20 / BYTES_PER_DIM2) / 64) * 64)
-    return ModelConfig(vocab_size=512, dim=dim, n_layers=2, n_heads=8, ffn_dim=dim * 11 // 4,
-                       seq_len=16, batch=4)
+MODES = ["sync", "async default", "async stage_before_step", "async bounded",
+         "stock dcp.async_save"]
+STEPS = (1, 3, 10)
 
 
 class TrainState(Stateful):
@@ -84,6 +72,9 @@ class TrainState(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+# -- memory helpers (also used by support_measure.py) -------------------------------------------
 
 
 def _rss() -> int:
@@ -123,216 +114,224 @@ class PeakRSS:
         self.peak = max(self.peak, self.read())
 
 
-def _local_state_bytes(model: torch.nn.Module, optim: torch.optim.Optimizer) -> int:
-    model_sd, optim_sd = get_state_dict(model, optim)
-    total = 0
-
-    def walk(obj: Any) -> None:
-        nonlocal total
-        if isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                walk(v)
-        elif isinstance(obj, torch.Tensor):
-            t = obj.to_local() if hasattr(obj, "to_local") else obj
-            total += t.numel() * t.element_size()
-
-    walk(model_sd)
-    walk(optim_sd)
-    return total
+# -- saving in each mode (also used by compare.py) ---------------------------------------------
 
 
 class _Saving:
-    """One save in ``mode``: ``start()`` returns after the caller is released."""
+    """One save in ``mode``: :meth:`start` returns when the caller is released.
 
-    def __init__(self, mode: str, saver: AsyncSaver, optim: torch.optim.Optimizer, group: Any):
-        self.mode, self.saver, self.optim, self.group = mode, saver, optim, group
+    ``mode`` is one of :data:`MODES` (``"async ucp"`` / ``"async stock"`` are accepted as
+    the names compare.py uses).
+    """
+
+    def __init__(self, mode: str, saver: AsyncSaver, optim: torch.optim.Optimizer | None,
+                 group: Any, bounded_bytes: int | None = None) -> None:
+        self.mode = {"async ucp": "async default", "async stock": "stock dcp.async_save"}.get(mode, mode)
+        self.saver, self.optim, self.group, self.bounded_bytes = saver, optim, group, bounded_bytes
 
     def start(self, app: dict[str, Any], url: str) -> tuple[Any, Any]:
-        """Returns ``(future of the committed save or None, torch_ucp handle or None)``."""
+        """Returns ``(future of the committed save or None if synchronous, torch_ucp handle)``."""
         mode = self.mode
-        if mode == "sync ucp":
+        if mode == "sync":
             dcp.save(app, storage_writer=UCPWriter(url), planner=UCPSavePlanner())
             return None, None
-        if mode == "sync stock":
-            dcp.save(app, storage_writer=dcp.FileSystemWriter(url))
-            return None, None
-        if mode.startswith("async ucp"):
-            overlap = self.optim if mode == "async ucp overlap" else None
-            handle = self.saver.save(app, url, stage_before_step=overlap)
+        if mode.startswith("async"):
+            handle = self.saver.save(
+                app, url,
+                stage_before_step=self.optim if mode == "async stage_before_step" else None,
+                max_staging_bytes=self.bounded_bytes if mode == "async bounded" else None,
+            )
             return handle.done(), handle
-        if mode == "async stock":
+        if mode == "stock dcp.async_save":
             f = dcp.async_save(app, storage_writer=dcp.FileSystemWriter(url), process_group=self.group)
             return getattr(f, "upload_completion", f), None
         raise ValueError(mode)
 
 
-def bench_rank(mode: str, base: str, size_mb: float, saves: int, steps_per_save: int,
-               bounded_fraction: float) -> dict[str, Any]:
-    """One mode on one rank; returns timings (seconds) and memory (bytes).
+# -- one rank ----------------------------------------------------------------------------------
 
-    Phase 1 (memory): two saves back to back with no training in between, sampling RSS; the
-    first is the first checkpoint of the process (it allocates torch_ucp's staging pool).
-    Phase 2 (training): ``saves`` saves, each followed by ``steps_per_save`` training steps.
-    """
-    torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    cfg = model_config(size_mb)
-    model = build(cfg, mesh, "fsdp")
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    step = 0
-    for _ in range(2):  # warm up: optimizer state exists from here on
-        train_step(model, optim, cfg, step)
-        step += 1
-    state_bytes = _local_state_bytes(model, optim)
-    app = {"train": TrainState(model, optim), "step": step}
-    group = dist.new_group(backend="gloo") if mode == "async stock" else None
-    saver = AsyncSaver(max_staging_bytes=int(state_bytes * bounded_fraction)
-                       if mode == "async ucp bounded" else None)
-    saving = _Saving(mode, saver, optim, group)
+
+def _mlp(layers: int, dim: int, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Linear(dim, dim, bias=False), torch.nn.ReLU())
+          for _ in range(layers)]
+    ).to(device)
+
+
+def _local_bytes(state: Any) -> int:
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, list):
+        return sum(_local_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        t = state.to_local() if hasattr(state, "to_local") else state
+        return t.numel() * t.element_size()
+    return 0
+
+
+def bench_rank(modes: list[str], base: str, layers: int, dim: int, batch: int, rounds: int,
+               steps: list[int], bounded_fraction: float, device: str) -> dict[str, Any]:
+    """``rounds`` x (for each mode, for each N: N steps alone, then a save and N steps), all
+    modes interleaved in one pair of processes so that load from other processes on the machine
+    affects every mode alike; seconds per window."""
+    torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
+    model = _mlp(layers, dim, device)
+    if device == "cpu":
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for block in model:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(dist.get_rank())
+    x = torch.randn(batch, dim, generator=gen, device=device)
+
+    def train_step() -> None:
+        model(x).square().mean().backward()
+        optim.step()
+        optim.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):  # optimizer state exists from here on
+        train_step()
+    app = {"train": TrainState(model, optim), "step": 0}
+    state_bytes = _local_bytes(TrainState(model, optim).state_dict())
+    group = dist.new_group(backend="gloo")  # stock dcp.async_save's, as TorchTitan makes one
+    savers = {m: AsyncSaver() for m in modes if m.startswith("async")}  # a staging pool each
+    savings = {m: _Saving(m, savers.get(m), optim, group,
+                          bounded_bytes=int(state_bytes * bounded_fraction)) for m in modes}
     rank = dist.get_rank()
-    out: dict[str, Any] = {"state_bytes": state_bytes, "blocked": [], "save": [], "steps": [],
-                           "steps_during_save": [], "peak_rss_extra": 0, "blocked_first": None}
+    counter = iter(range(10**6))
 
-    def clean(url: str) -> None:
+    def save_window(mode: str, n: int) -> dict[str, float]:
+        url = os.path.join(base, f"save-{next(counter)}")
+        dist.barrier()
+        t0 = time.perf_counter()
+        done, handle = savings[mode].start(app, url)
+        blocked = time.perf_counter() - t0
+        committed = [t0 + blocked if done is None else None]
+        if done is not None:
+            done.add_done_callback(lambda _: committed.__setitem__(0, time.perf_counter()))
+        for _ in range(n):
+            train_step()
+        if done is not None:
+            done.result()
+        window = time.perf_counter() - t0
+        if handle is not None:
+            blocked += handle.stats.step_wait  # optimizer steps that waited for staging
         dist.barrier()
         if rank == 0:
             shutil.rmtree(url, ignore_errors=True)
+        return {"window": window, "blocked": blocked, "save": committed[0] - t0}
 
-    if mode != "no checkpoint":  # phase 1: checkpoint memory, nothing else running
-        dist.barrier()
-        _malloc_trim()
-        rss0 = _rss()
-        with PeakRSS() as peak:
-            for i in range(2):
-                url = os.path.join(base, f"memory-{i}")
-                t0 = time.perf_counter()
-                done, _ = saving.start(app, url)
-                if i == 0:
-                    out["blocked_first"] = time.perf_counter() - t0
-                if done is not None:
-                    done.result()
-                clean(url)
-        out["peak_rss_extra"] = peak.peak - rss0
-
-    for i in range(saves):  # phase 2: saves during training
-        url = os.path.join(base, f"save-{i}")
-        app["step"] = step
+    def steps_window(n: int) -> float:
         dist.barrier()
         t0 = time.perf_counter()
-        done, handle = saving.start(app, url) if mode != "no checkpoint" else (None, None)
-        blocked = time.perf_counter() - t0
-        finished = [t0 + blocked]
-        if done is not None:
-            finished[0] = None
-            done.add_done_callback(lambda _, box=finished: box.__setitem__(0, time.perf_counter()))
-        for _ in range(steps_per_save):
-            s0 = time.perf_counter()
-            in_flight = done is not None and not done.done()
-            train_step(model, optim, cfg, step)
-            step += 1
-            (out["steps_during_save"] if in_flight else out["steps"]).append(time.perf_counter() - s0)
-        if done is not None:
-            done.result()
-        if handle is not None:
-            st = handle.stats
-            blocked += st.step_wait  # optimizer steps that waited for staging
-            out.setdefault("breakdown", []).append(
-                {"state_dict": st.state_dict, "staging": st.staging, "streaming": st.streaming,
-                 "step_wait": st.step_wait, "background": st.background})
-        if mode != "no checkpoint":
-            out["blocked"].append(blocked)
-            out["save"].append(finished[0] - t0)
-        clean(url)
-    saver.close()
+        for _ in range(n):
+            train_step()
+        return time.perf_counter() - t0
+
+    for mode in modes:  # first save of each: staging pool, checkpoint group, page cache
+        save_window(mode, 1)
+    out: dict[str, Any] = {"state_bytes": state_bytes, "rounds": {m: [] for m in modes}}
+    for r in range(rounds):
+        if rank == 0:
+            print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+        for mode in modes:
+            row = {}
+            for n in steps:
+                alone = steps_window(n)
+                row[str(n)] = {"alone": alone, **save_window(mode, n)}
+            out["rounds"][mode].append(row)
+    out["step"] = statistics.median(steps_window(1) for _ in range(3))
+    for saver in savers.values():
+        saver.close()
     return out
 
 
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
+# -- table -------------------------------------------------------------------------------------
 
 
-def summarize(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per mode: worst rank of each per-rank median."""
+def summarize(per_rank: list[dict[str, Any]], steps: list[int]) -> list[dict[str, Any]]:
+    """One row per mode: per round the worse rank's windows, then the median over rounds."""
     rows = []
-    for mode, per_rank in results.items():
-        def worst(key: str, per_rank: list = per_rank) -> float | None:
-            vals = [_median(r[key]) for r in per_rank]
-            vals = [v for v in vals if v is not None]
-            return max(vals) if vals else None
-
-        rows.append({
-            "mode": mode,
-            "save": worst("save"),
-            "blocked_first": max((r["blocked_first"] for r in per_rank
-                                  if r["blocked_first"] is not None), default=None),
-            "blocked": worst("blocked"),
-            "step": worst("steps"),
-            "step_during_save": worst("steps_during_save"),
-            "peak_rss_extra": max(r["peak_rss_extra"] for r in per_rank),
-            "state_bytes": per_rank[0]["state_bytes"],
-        })
-    by = {r["mode"]: r for r in rows}
+    step = max(r["step"] for r in per_rank)
+    for mode in per_rank[0]["rounds"]:
+        row: dict[str, Any] = {"mode": mode, "state_bytes": per_rank[0]["state_bytes"], "step": step}
+        blocked, save = [], []
+        for n in map(str, steps):
+            lost = []
+            for i in range(len(per_rank[0]["rounds"][mode])):
+                windows = [r["rounds"][mode][i][n] for r in per_rank]
+                lost.append(max(w["window"] for w in windows) - max(w["alone"] for w in windows))
+                blocked.append(max(w["blocked"] for w in windows))
+                save.append(max(w["save"] for w in windows))
+            row[f"lost{n}"] = statistics.median(lost)
+        row["blocked"] = statistics.median(blocked)
+        row["save"] = statistics.median(save)
+        rows.append(row)
+    sync = next((r["save"] for r in rows if r["mode"] == "sync"), None)
     for r in rows:
-        r["peak_rss"] = r["peak_rss_extra"] / r["state_bytes"] if r["mode"] != "no checkpoint" else None
-        sync = by.get("sync stock" if "stock" in r["mode"] else "sync ucp", {}).get("save")
-        r["blocked_frac"] = r["blocked"] / sync if r["blocked"] is not None and sync else None
-        during, between = r["step_during_save"], r["step"]
-        r["slowdown"] = during / between - 1 if during and between else None
+        r["vs_sync"] = {n: r[f"lost{n}"] / sync if sync else None for n in steps}
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    def cell(v: float | None, fmt: str, width: int, scale: float = 1.0, unit: str = "") -> str:
-        return (format(v * scale, fmt) + unit if v is not None else "-").rjust(width)
+def format_table(rows: list[dict[str, Any]], steps: list[int]) -> str:
+    def cell(v: float | None, fmt: str, width: int) -> str:
+        return (format(v, fmt) if v is not None else "-").rjust(width)
 
-    header = (f"{'mode':<19}{'save s':>8}{'blocked s':>11}{'1st save':>10}{'blocked/sync':>14}"
-              f"{'step s':>8}{'in save':>9}{'slowdown':>10}{'peak RSS':>10}")
-    lines = [header, "-" * len(header)]
+    head = f"{'mode':<25}{'blocked s':>10}{'save s':>8}" + "".join(
+        f"{f'lost N={n}':>11}{'/sync':>7}" for n in steps)
+    lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['mode']:<19}{cell(r['save'], '.3f', 8)}{cell(r['blocked'], '.4f', 11)}"
-            f"{cell(r['blocked_first'], '.4f', 10)}{cell(r['blocked_frac'], '.1f', 14, 100, '%')}"
-            f"{cell(r['step'], '.3f', 8)}{cell(r['step_during_save'], '.3f', 9)}"
-            f"{cell(r['slowdown'], '+.0f', 10, 100, '%')}{cell(r['peak_rss'], '.2f', 10, 1, 'x')}"
+            f"{r['mode']:<25}{cell(r['blocked'], '.3f', 10)}{cell(r['save'], '.3f', 8)}"
+            + "".join(f"{cell(r[f'lost{n}'], '.3f', 11)}{cell(r['vs_sync'][n], '.2f', 7)}"
+                      for n in steps)
         )
     return "\n".join(lines)
 
 
-def run(size_mb: float, saves: int, steps_per_save: int, bounded_fraction: float, directory: str,
-        modes: list[str] = MODES, world_size: int = 2) -> list[dict[str, Any]]:
+def run(layers: int, dim: int, batch: int, rounds: int, steps: list[int], bounded_fraction: float,
+        directory: str, modes: list[str] = MODES, device: str = "cpu") -> list[dict[str, Any]]:
+    world = 2 if device == "cpu" else 1
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
-    results = {}
     try:
-        for mode in modes:
-            path = os.path.join(directory, mode.replace(" ", "-"))
-            results[mode] = run_distributed(bench_rank, world_size, mode, path, size_mb, saves,
-                                            steps_per_save, bounded_fraction)
+        per_rank = run_distributed(bench_rank, world, modes, directory, layers, dim, batch,
+                                   rounds, steps, bounded_fraction, device)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return summarize(results)
+    return summarize(per_rank, steps)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size-mb", type=float, default=300.0, help="model + optimizer state, all ranks")
-    p.add_argument("--saves", type=int, default=6)
-    p.add_argument("--steps-per-save", type=int, default=3)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--dim", type=int, default=1536)
+    p.add_argument("--batch", type=int, default=64, help="rows per rank and step")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", default=",".join(map(str, STEPS)), help="values of N")
     p.add_argument("--bounded-fraction", type=float, default=0.25)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dir", default="/tmp/ucp-async-bench")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here; skipped")
+        return 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    cfg = model_config(args.size_mb)
-    rows = run(args.size_mb, args.saves, args.steps_per_save, args.bounded_fraction, args.dir, modes)
+    steps = [int(s) for s in args.steps.split(",")]
+    rows = run(args.layers, args.dim, args.batch, args.rounds, steps, args.bounded_fraction,
+               args.dir, modes, args.device)
     state = rows[0]["state_bytes"]
-    print(f"state: {2 * state / 2**20:.0f} MiB model + AdamW over 2 ranks ({state / 2**20:.0f} MiB "
-          f"per rank; dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.n_layers} layers), {args.saves} saves "
-          f"every {args.steps_per_save} steps, {os.cpu_count()} cores\n")
-    print(format_table(rows))
+    world = 2 if args.device == "cpu" else 1
+    print(f"{args.device}: {args.layers} x {args.dim}^2 MLP + AdamW, {world * state / 2**20:.0f} MiB "
+          f"of state ({state / 2**20:.0f} MiB per rank, {world} rank(s)"
+          f"{', FSDP2' if args.device == 'cpu' else ''}), batch {args.batch}, training step "
+          f"{rows[0]['step']:.3f} s; {os.cpu_count()} cores; medians of {args.rounds} rounds\n")
+    print(format_table(rows, steps))
     return 0
 
 

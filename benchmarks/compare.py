@@ -55,7 +55,7 @@ from async_save_bench import _Saving  # noqa: E402
 from support_measure import PeakRSSIncrease, disk_bandwidth, drop_caches, machine_summary  # noqa: E402
 
 from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter  # noqa: E402
-from torch_ucp.async_save import AsyncSaver  # noqa: E402
+from torch_ucp.asynchronous import AsyncSaver  # noqa: E402
 from torch_ucp.demo.launch import run_distributed  # noqa: E402
 
 COLS = 4096

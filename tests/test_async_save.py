@@ -40,7 +40,7 @@ from torch_ucp import (
     UCPWriter,
     open_checkpoint,
 )
-from torch_ucp.async_save import (
+from torch_ucp.asynchronous import (
     AsyncSaver,
     StagingPool,
     StreamingPlanner,
@@ -48,7 +48,7 @@ from torch_ucp.async_save import (
     checkpoint_process_group,
     rebuild_dtensor,
 )
-from torch_ucp.async_save import (
+from torch_ucp.asynchronous import (
     close as close_default_saver,
 )
 from torch_ucp.demo.launch import run_distributed
@@ -286,7 +286,7 @@ def _two_saves(base: str) -> dict[str, Any]:
             records.append(record.getMessage())
 
     handler = Collect(level=logging.INFO)
-    saver_logger = logging.getLogger("torch_ucp.async_save.saver")
+    saver_logger = logging.getLogger("torch_ucp.asynchronous.saver")
     saver_logger.addHandler(handler)
     saver_logger.setLevel(logging.INFO)
     try:

@@ -2,10 +2,11 @@
 
 Save with ``dcp.save(state, storage_writer=UCPWriter(url), planner=UCPSavePlanner())``; load
 into any DeviceMesh, world size, or a plain process with ``dcp.load(..., storage_reader=
-UCPReader(url), planner=UCPLoadPlanner())`` or :func:`open_checkpoint`.
+UCPReader(url), planner=UCPLoadPlanner())`` or :func:`open_checkpoint`. Save in the
+background with :func:`async_save` (:mod:`torch_ucp.asynchronous`) and :func:`wait` for it.
 """
 
-from torch_ucp.async_save import AsyncSaveHandle, AsyncSaver, async_save
+from torch_ucp.asynchronous import AsyncSaveHandle, AsyncSaver, async_save, wait
 from torch_ucp.checkpoint import Checkpoint, open_checkpoint
 from torch_ucp.errors import (
     CheckpointError,
@@ -36,4 +37,5 @@ __all__ = [
     "UCPWriter",
     "UnsupportedFormatError",
     "open_checkpoint",
+    "wait",
 ]

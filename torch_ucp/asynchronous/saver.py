@@ -30,8 +30,10 @@ forward and backward (``stats.step_wait``).
   ``handle.result()`` re-raises the error.
 * **Thread, not process.** The background work shares the GIL with training, but its heavy
   parts (copies, file and socket I/O, checksums) release it.
-
-Call ``handle.result()`` (or :func:`close`) before ``dist.destroy_process_group()``.
+* **Never lost.** Interpreter exit and ``dist.destroy_process_group()`` wait for the save in
+  flight, and a failure nobody looked at ends the process with exit status 1
+  (:mod:`~torch_ucp.asynchronous.inflight`). :func:`torch_ucp.wait` waits explicitly and
+  re-raises a failure.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageWriter
 
 from torch_ucp import knobs
-from torch_ucp.async_save.staging import PreparedState, StagedState, StagingPool
-from torch_ucp.async_save.streaming import StreamingPlanner
+from torch_ucp.asynchronous import inflight
+from torch_ucp.asynchronous.staging import PreparedState, StagedState, StagingPool
+from torch_ucp.asynchronous.streaming import StreamingPlanner
 from torch_ucp.planner import UCPSavePlanner
 from torch_ucp.storage import UCPWriter
 
@@ -125,7 +128,7 @@ class AsyncSaveHandle:
         self.checkpoint_id = checkpoint_id
         self.stats = AsyncSaveStats()
         self._staged: Future[None] = Future()
-        self._done: Future[Metadata] = Future()
+        self._done: inflight.ObservedFuture = inflight.ObservedFuture()  # of Metadata
         self._lock = threading.Lock()
 
     def staged(self) -> Future[None]:
@@ -160,11 +163,10 @@ class AsyncSaveHandle:
 
 
 # ---------------------------------------------------------------------------------------------
-# process-wide state: the save in flight, the checkpoint process groups
+# process-wide state: the checkpoint process groups (the saves in flight: inflight.py)
 # ---------------------------------------------------------------------------------------------
 
 _CALL_LOCK = threading.Lock()  # one async_save call at a time in this process
-_INFLIGHT: AsyncSaveHandle | None = None
 _GROUPS: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}
 
 
@@ -301,7 +303,6 @@ class AsyncSaver:
         **storage_options: Any,
     ) -> AsyncSaveHandle:
         """Stage ``state_dict`` and save it in the background; see :func:`async_save`."""
-        global _INFLIGHT
         t_call = time.perf_counter()
         writer = _make_writer(url_or_writer, storage_options)
         optimizers = _optimizers(stage_before_step)
@@ -312,7 +313,7 @@ class AsyncSaver:
         with _CALL_LOCK:
             handle = AsyncSaveHandle(getattr(writer, "checkpoint_id", None))
             stats = handle.stats
-            stats.waited = _wait_for(_INFLIGHT, handle.checkpoint_id)
+            stats.waited = _wait_for(inflight.latest(), handle.checkpoint_id)
             group = checkpoint_process_group(process_group)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="ucp-async-save")
@@ -336,11 +337,10 @@ class AsyncSaver:
                 del prepared
             except BaseException as e:
                 job.error = e  # the peers are about to save: fail it on every rank
-                self._executor.submit(job.run)
-                _INFLIGHT = self._last = handle
+                self._start(job, group)
+                handle._done.seen = True  # this caller gets the error right here
                 raise
-            self._executor.submit(job.run)
-            _INFLIGHT = self._last = handle
+            self._start(job, group)
             if optimizers is None and job.streaming is not None:
                 t3 = time.perf_counter()  # bounded staging: the writer copies the rest first
                 wait_futures([handle.staged()])
@@ -374,6 +374,12 @@ class AsyncSaver:
         self.pool.close()
 
     # -- internals ----------------------------------------------------------------------------
+    def _start(self, job: _SaveJob, group: Any) -> None:
+        assert self._executor is not None
+        self._last = job.handle
+        inflight.track(job.handle, group)
+        self._executor.submit(job.run)
+
     def _guard(self, optim: torch.optim.Optimizer) -> None:
         """Make ``optim.step()`` wait until this saver's last save is staged (one step pre-hook
         per optimizer, kept until :meth:`close`)."""
@@ -469,6 +475,10 @@ class _SaveJob:
             )
         except BaseException as e:  # noqa: BLE001 - handed to the caller via result()
             stats.background = time.perf_counter() - t0
+            abandoned = inflight.group_destroyed_error(handle.checkpoint_id, self.group)
+            if abandoned is not None:  # say why, instead of DCP's collective errors
+                abandoned.__cause__ = e
+                e = abandoned
             logger.error("torch_ucp: async save to %s failed: %s", handle.checkpoint_id, e)
             handle._fail(e)
             return
@@ -533,7 +543,7 @@ def async_save(
             ``TORCH_UCP_MAX_STAGING_BYTES`` knob, else unbounded). A larger state is staged in
             part and the writer copies the rest out of the live tensors before the state is
             considered staged: the caller is then blocked for roughly the time to write the
-            part that did not fit (see :mod:`torch_ucp.async_save.staging`).
+            part that did not fit (see :mod:`torch_ucp.asynchronous.staging`).
         stage_before_step: optimizers whose updates are the only in-place changes of the
             state until their next ``step()`` (the usual training loop: forward and backward
             only read parameters and optimizer state). The copy into the pool then runs in the
@@ -545,6 +555,9 @@ def async_save(
             caught by its version counter and fails the save on every rank instead of writing
             a torn checkpoint; a change through another tensor over the same memory is not
             seen (FSDP2's ``state_dict()`` returns such tensors for its parameters).
+            The call returns sooner, but the copy still competes with training for the same
+            cores: measured as training time lost per save, it did not beat the default
+            (docs/PERFORMANCE.md, ``benchmarks/async_save_bench.py``).
         **storage_options: passed to :class:`torch_ucp.UCPWriter` with a URL
             (``endpoint_url=``, ``key=`` ...).
 

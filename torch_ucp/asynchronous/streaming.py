@@ -1,6 +1,6 @@
 """Bounded staging: the writer copies the tensors that did not fit the staging arena.
 
-When a state is larger than ``max_staging_bytes``, :class:`torch_ucp.async_save.StagingPool`
+When a state is larger than ``max_staging_bytes``, :class:`torch_ucp.asynchronous.StagingPool`
 stages only part of it and leaves the other tensors *live* in the staged state. The background
 save then runs with a :class:`StreamingPlanner` around the real planner: when the writer asks
 for the data of a fragment of a live tensor (``resolve_data``), the planner checks that the
@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 
-from torch_ucp.async_save.staging import StagedLeaf, copy_into, unpooled_buffer
+from torch_ucp.asynchronous.staging import StagedLeaf, copy_into, unpooled_buffer
 from torch_ucp.errors import CheckpointError
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ Megatron-Bridge PR #359). A :class:`StagingPool` instead keeps one *arena* of ho
 deep-copies non-tensor values, lays the tensors out in the arena and records each tensor's
 version counter (and, for CUDA tensors, an event on the caller's current stream).
 :meth:`StagingPool.copy` does the bulk copies and may run on another thread while training
-runs forward and backward (``stage_before_step=`` in :func:`torch_ucp.async_save.async_save`).
+runs forward and backward (``stage_before_step=`` in :func:`torch_ucp.async_save`).
 Before and after copying a tensor it checks that its version counter did not move: an in-place
 update that slipped in before the copy fails the save (:class:`StagingRaceError`) instead of
 writing a torn checkpoint. This is a safety net, not a synchronisation: it sees changes made
@@ -35,7 +35,7 @@ before the check after the copy.
 then fills the arena (at most ``max_bytes``) with the tensors that come *last* in the state
 dict, which a writer reaches last, and leaves the others *streamed*: the staged state keeps a
 reference to the live tensor and the background writer copies each of its fragments out when
-it gets to it (see :mod:`torch_ucp.async_save.streaming`). The state counts as staged only once
+it gets to it (see :mod:`torch_ucp.asynchronous.streaming`). The state counts as staged only once
 every streamed fragment has been copied, and the caller waits for that (in the call, or with
 ``stage_before_step`` in the optimizer's next step): its blocked time becomes roughly "copy the
 arena part + plan + write the streamed part", while host memory stays bounded by ``max_bytes``
