@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 
-from torch_ucp.errors import CheckpointError
 from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
 from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.storage.reader import load_metadata, read_object
-from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
+from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store
 
 Index = int | slice | Sequence[int | slice] | None
@@ -56,16 +55,25 @@ class Checkpoint:
     region. ``stats`` accumulates bytes read and needed.
     """
 
-    def __init__(self, store: Store, metadata: CheckpointMetadata, *, verify: bool | str = True):
+    def __init__(
+        self,
+        store: Store,
+        metadata: CheckpointMetadata,
+        *,
+        verify: bool | str = True,
+        allow_pickle: bool = False,
+    ):
         self.store = store
         self.metadata = metadata
-        self.verify = verify
+        self.verify = normalize_verify(verify)
+        self.allow_pickle = bool(allow_pickle)
         self.stats = ReadStats()
         self._reader = FragmentReader(
             store,
-            verify=verify,
+            verify=self.verify,
             checksum_algorithm=metadata.checksum_algorithm,
             block_bytes=metadata.checksum_block_bytes,
+            block_width=metadata.checksum_block_width,
         )
         self._indexes: dict[str, BoxIndex] = {}
 
@@ -108,7 +116,10 @@ class Checkpoint:
         if fqn in self.metadata.objects:
             if index is not None:
                 raise IndexError(f"{fqn!r} is a non-tensor value and cannot be sliced")
-            return read_object(self.store, self.metadata.objects[fqn], self.metadata, bool(self.verify))
+            return read_object(
+                self.store, self.metadata.objects[fqn], self.metadata, self.verify,
+                allow_pickle=self.allow_pickle,
+            )
         entry = self.tensor_entry(fqn)
         offsets, lengths, squeeze = _normalize_index(index, entry.shape, fqn)
         if out is None:
@@ -159,9 +170,18 @@ class Checkpoint:
 
 
 def open_checkpoint(
-    url: str | os.PathLike, *, verify: bool | str = True, **storage_options: Any
+    url: str | os.PathLike,
+    *,
+    verify: bool | str = True,
+    allow_pickle: bool = False,
+    follow_symlinks: bool = False,
+    **storage_options: Any,
 ) -> Checkpoint:
     """Open a committed torch_ucp checkpoint for reading, with no process group.
+
+    ``verify``, ``allow_pickle`` and ``follow_symlinks`` are those of
+    :class:`~torch_ucp.UCPReader`: every byte read is verified, values stored with pickle are
+    refused and symbolic links are not followed, unless told otherwise.
 
     Example::
 
@@ -169,9 +189,6 @@ def open_checkpoint(
         ckpt.keys(); ckpt.shape("model.tok_embeddings.weight")
         rows = ckpt.read("model.tok_embeddings.weight", (slice(0, 16),))
     """
-    store = Store(url, storage_options)
-    try:
-        metadata = load_metadata(store)
-    except CheckpointError:
-        raise
-    return Checkpoint(store, metadata, verify=verify)
+    store = Store(url, storage_options, follow_symlinks=follow_symlinks)
+    metadata = load_metadata(store)
+    return Checkpoint(store, metadata, verify=verify, allow_pickle=allow_pickle)

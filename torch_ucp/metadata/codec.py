@@ -105,6 +105,13 @@ def _check_fragment(fqn: str, shape: tuple[int, ...], f: Fragment) -> Fragment:
     return f
 
 
+def _checksum_to_json(meta: CheckpointMetadata) -> dict[str, Any]:
+    out: dict[str, Any] = {"algorithm": meta.checksum_algorithm, "block_bytes": meta.checksum_block_bytes}
+    if meta.checksum_block_width is not None:  # absent: version-1 flat blocks
+        out["block_width"] = meta.checksum_block_width
+    return out
+
+
 def metadata_to_dict(meta: CheckpointMetadata) -> dict[str, Any]:
     table = _ObjectTable()
     tensors = {}
@@ -139,7 +146,7 @@ def metadata_to_dict(meta: CheckpointMetadata) -> dict[str, Any]:
         "world_size": meta.world_size,
         "torch_version": meta.torch_version,
         "created": meta.created,
-        "checksum": {"algorithm": meta.checksum_algorithm, "block_bytes": meta.checksum_block_bytes},
+        "checksum": _checksum_to_json(meta),
         "meshes": [
             {"shape": list(m.shape), "dim_names": list(m.dim_names) if m.dim_names else None}
             for m in meta.meshes
@@ -207,6 +214,7 @@ def metadata_from_dict(d: dict[str, Any], source: str = "<metadata>") -> Checkpo
             flatten_mapping=d.get("flatten_mapping", {}),
             checksum_algorithm=d["checksum"]["algorithm"],
             checksum_block_bytes=d["checksum"]["block_bytes"],
+            checksum_block_width=d["checksum"].get("block_width"),
             patterns=d.get("patterns", []),
             torch_version=d.get("torch_version", ""),
             created=d.get("created", 0.0),

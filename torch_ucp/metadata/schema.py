@@ -142,6 +142,8 @@ class CheckpointMetadata:
         meshes: the DeviceMeshes referenced by tensor entries.
         flatten_mapping: flattened FQN -> path in the nested state dict (DCP's mapping).
         checksum_algorithm / checksum_block_bytes: how fragment checksums were computed.
+        checksum_block_width: block width along a row (:class:`~torch_ucp.storage.checksum.
+            BlockGrid`); ``None`` in version-1 checkpoints, whose blocks are flat.
         patterns: layout rules recorded at save time (see docs/PATTERNS.md).
         torch_version / created: provenance.
         version: the format version this metadata was written with.
@@ -155,6 +157,7 @@ class CheckpointMetadata:
     flatten_mapping: dict[str, list[Any]] = field(default_factory=dict)
     checksum_algorithm: str = "crc32"
     checksum_block_bytes: int = 1 << 20
+    checksum_block_width: int | None = None
     patterns: list[dict[str, Any]] = field(default_factory=list)
     torch_version: str = ""
     created: float = 0.0

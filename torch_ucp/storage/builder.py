@@ -16,7 +16,6 @@ every torch_ucp reader and ``torch-ucp verify`` accept.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -39,12 +38,12 @@ from torch_ucp.metadata.codec import placement_to_json
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.schema import CheckpointMetadata, MeshInfo, PlacementInfo, StoredBytes
 from torch_ucp.planner.provenance import UCP_KEY, SaveInfo
+from torch_ucp.storage import commit
+from torch_ucp.storage.checksum import BlockGrid
 from torch_ucp.storage.objects import ITEM_ALIGNMENT, ObjectStream
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import encode_value
 from torch_ucp.storage.writer import DATA_PREFIX, ItemStored, UCPWriter, tensor_bytes
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointBuilder"]
 
@@ -72,9 +71,11 @@ class CheckpointBuilder:
     Args:
         url: checkpoint folder: a path or fsspec URL.
         overwrite: allow replacing a committed checkpoint at ``url`` (checked at construction).
-        checksum_block_bytes: checksum granularity (default: the writer's knob, 1 MiB).
+        checksum_block_bytes / checksum_block_width: checksum blocks (default: the writer's).
         max_object_bytes: start a new data object once the current one holds this many bytes
             (default: one object for everything).
+        allow_pickle: store values with no pickle-free encoding with ``torch.save`` (default:
+            refuse them, naming the key and the type).
         **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ...).
     """
 
@@ -84,13 +85,17 @@ class CheckpointBuilder:
         *,
         overwrite: bool = False,
         checksum_block_bytes: int | None = None,
+        checksum_block_width: int | None = None,
         max_object_bytes: int | None = None,
+        allow_pickle: bool = False,
         **storage_options: Any,
     ) -> None:
         self._writer = UCPWriter(
             url,
             overwrite=overwrite,
             checksum_block_bytes=checksum_block_bytes,
+            checksum_block_width=checksum_block_width,
+            allow_pickle=allow_pickle,
             **storage_options,
         )
         assert self._writer.store is not None
@@ -148,7 +153,7 @@ class CheckpointBuilder:
         except ValueError as e:
             raise ValueError(f"{fqn}: {e}") from None
         data = tensor_bytes(tensor)
-        stored = self._append(data)
+        stored = self._append(data, self._writer.block_grid(tuple(tensor.shape), tensor.dtype.itemsize))
         del data
         shape = torch.Size(tensor.shape)
         self._state_md[fqn] = TensorStorageMetadata(
@@ -182,13 +187,14 @@ class CheckpointBuilder:
         return stored
 
     def add_value(self, fqn: str, value: Any, *, path: Sequence[Any] | None = None) -> StoredBytes:
-        """Write a non-tensor value (int, str, bytes, lists/dicts of them; anything else is
-        stored with ``torch.save`` framing, as ``UCPWriter`` does)."""
+        """Write a non-tensor value, encoded without pickle as ``UCPWriter`` does
+        (:mod:`torch_ucp.storage.values`); one with no such encoding is refused unless
+        ``allow_pickle``."""
         self._check_new(fqn)
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{fqn}: use add_tensor for tensors")
-        encoding, payload = encode_value(value)
-        stored = self._append(memoryview(payload))
+        encoding, payload = encode_value(value, name=fqn, allow_pickle=self._writer.allow_pickle)
+        stored = self._append(memoryview(payload), self._writer.block_grid((len(payload),), 1))
         self._state_md[fqn] = BytesStorageMetadata()
         self._results.append(
             WriteResult(
@@ -241,10 +247,7 @@ class CheckpointBuilder:
         if self._stream is not None:
             self._stream.abort()
             self._stream = None
-        try:
-            self.store.remove(self.folder)
-        except Exception as e:  # noqa: BLE001 - best effort; the next save cleans it up
-            logger.warning("torch_ucp: could not remove %s: %s", self.store.describe(self.folder), e)
+        commit.discard(self.store, self.save_id)
 
     def __enter__(self) -> CheckpointBuilder:
         return self
@@ -265,7 +268,7 @@ class CheckpointBuilder:
         if fqn in self._state_md:
             raise ValueError(f"{fqn!r} was already added to {self.url}")
 
-    def _append(self, data: memoryview) -> StoredBytes:
+    def _append(self, data: memoryview, grid: BlockGrid) -> StoredBytes:
         stream = self._stream
         if (
             stream is not None
@@ -286,9 +289,7 @@ class CheckpointBuilder:
                 self.abort()
                 raise
         try:
-            stored = stream.append(
-                data, self._writer.checksum_block_bytes, self._writer.checksum_algorithm
-            )
+            stored = stream.append(data, grid, self._writer.checksum_algorithm)
         except BaseException:
             self.abort()
             raise

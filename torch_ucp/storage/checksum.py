@@ -1,29 +1,41 @@
-"""Block checksums of fragment bytes.
+"""Block checksums of fragment bytes, laid out so that every read can be verified cheaply.
 
-One checksum per ``block_bytes`` block of a stored run of bytes (the last block may be short),
-so a reader that fetches whole blocks can verify them without reading the rest. crc32c (with
-hardware support, several GB/s) is used where the ``crc32c`` package is installed; zlib's crc32
-otherwise. The algorithm is recorded in the metadata.
+A fragment's bytes are viewed as ``[mats, rows, row_bytes]``: ``row_bytes`` is its last dimension
+in bytes, ``rows`` its second-to-last dimension and ``mats`` the product of the others. They are
+cut into blocks of ``band`` rows by ``width`` bytes (:class:`BlockGrid`), one checksum each, so a
+read that needs a box of the fragment (a row range, a column range, or both) widens it only to
+the blocks around it, never to whole rows: a ``Shard(0)`` checkpoint loaded as ``Shard(1)``
+reads each row's half and verifies exactly those bytes. ``width`` is ``block_width`` (2 KiB by
+default) and ``band`` is ``block_bytes // width`` rows (64 KiB blocks by default); rows narrower
+than ``block_width`` are whole blocks' width, and fragments of fewer than two dimensions (and
+values) use flat blocks of ``block_bytes``. Version-1 checkpoints, written without a
+``block_width``, use flat blocks for every fragment. docs/FORMAT.md specifies the layout.
+
+crc32c (with hardware support, several GB/s) is used where the ``crc32c`` package is installed;
+zlib's crc32 otherwise. The algorithm is recorded in the metadata.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 try:
     import crc32c as _crc32c
 except ImportError:  # pragma: no cover - crc32c is a declared dependency
     _crc32c = None
 
-_ALGORITHMS: dict[str, Callable[[memoryview], int]] = {"crc32": zlib.crc32}
+_ALGORITHMS: dict[str, Callable[..., int]] = {"crc32": zlib.crc32}
 if _crc32c is not None:
     _ALGORITHMS["crc32c"] = _crc32c.crc32c
 
 DEFAULT_ALGORITHM = "crc32c" if _crc32c is not None else "crc32"
 
 
-def checksum_function(algorithm: str) -> Callable[[memoryview], int]:
+def checksum_function(algorithm: str) -> Callable[..., int]:
+    """``fn(data, value=0)``: the checksum of ``data`` continuing from ``value``."""
     try:
         return _ALGORITHMS[algorithm]
     except KeyError:
@@ -33,6 +45,97 @@ def checksum_function(algorithm: str) -> Callable[[memoryview], int]:
         ) from None
 
 
+@dataclass(frozen=True)
+class BlockGrid:
+    """The checksum blocks of one stored run of bytes, viewed as ``[mats, rows, row_bytes]``.
+
+    Block ``(m, i, j)`` covers rows ``[i * band, (i + 1) * band)`` and bytes ``[j * width,
+    (j + 1) * width)`` of each of those rows of matrix ``m`` (both clipped at the edge); its
+    checksum is that of its row pieces concatenated in row order. Checksums are listed in
+    ``(m, i, j)`` C order. A flat grid (one matrix of one row) is a run of ``width``-byte blocks.
+    """
+
+    mats: int
+    rows: int
+    row_bytes: int
+    band: int
+    width: int
+
+    @staticmethod
+    def flat(nbytes: int, block_bytes: int) -> BlockGrid:
+        return BlockGrid(1, 1, nbytes, 1, block_bytes)
+
+    @staticmethod
+    def for_fragment(
+        shape: Sequence[int], itemsize: int, block_bytes: int, block_width: int | None
+    ) -> BlockGrid:
+        """The grid of a fragment's C-contiguous bytes; ``block_width=None``: version 1 (flat)."""
+        nbytes = math.prod(shape) * itemsize
+        if block_width is None or len(shape) < 2:
+            return BlockGrid.flat(nbytes, block_bytes)
+        row_bytes = shape[-1] * itemsize
+        width = max(1, min(row_bytes, block_width))
+        return BlockGrid(math.prod(shape[:-2]), shape[-2], row_bytes, max(1, block_bytes // width), width)
+
+    @property
+    def is_flat(self) -> bool:
+        return self.mats == 1 and self.rows == 1
+
+    @property
+    def bands(self) -> int:
+        return -(-self.rows // self.band)
+
+    @property
+    def pieces(self) -> int:
+        return -(-self.row_bytes // self.width)
+
+    @property
+    def count(self) -> int:
+        """How many checksums the grid has (0 for empty bytes)."""
+        return self.mats * self.bands * self.pieces
+
+    def index(self, m: int, i: int, j: int) -> int:
+        return (m * self.bands + i) * self.pieces + j
+
+    def checksums(self, data: memoryview, algorithm: str) -> list[int]:
+        """Every block's checksum of ``data`` (the bytes the grid describes, C-contiguous)."""
+        fn = checksum_function(algorithm)
+        return self.verify_blocks(
+            data, lambda m, r: (m * self.rows + r) * self.row_bytes, fn,
+            range(self.mats), range(self.bands), range(self.pieces),
+        )
+
+    def verify_blocks(
+        self,
+        mem: memoryview,
+        row_at: Callable[[int, int], int],
+        fn: Callable[..., int],
+        mats: Sequence[int],
+        bands: range,
+        pieces: range,
+    ) -> list[int]:
+        """Checksums of blocks ``mats x bands x pieces`` (C order), reading row ``r`` of matrix
+        ``m`` at ``mem[row_at(m, r) + byte]`` for the bytes of the pieces."""
+        out: list[int] = []
+        w, rb = self.width, self.row_bytes
+        spans = [(j * w, min(j * w + w, rb)) for j in pieces]
+        whole_rows = len(spans) == 1 and spans[0] == (0, rb)
+        for m in mats:
+            for i in bands:
+                lo, hi = i * self.band, min(i * self.band + self.band, self.rows)
+                first = row_at(m, lo)
+                if whole_rows and row_at(m, hi - 1) - first == (hi - 1 - lo) * rb:
+                    out.append(fn(mem[first : first + (hi - lo) * rb]))  # one contiguous block
+                    continue
+                crcs = [0] * len(spans)
+                for r in range(lo, hi):
+                    at = row_at(m, r)
+                    for k, (a, b) in enumerate(spans):
+                        crcs[k] = fn(mem[at + a : at + b], crcs[k])
+                out.extend(crcs)
+        return out
+
+
 def block_checksums(data: memoryview, block_bytes: int, algorithm: str) -> list[int]:
-    fn = checksum_function(algorithm)
-    return [fn(data[i : i + block_bytes]) for i in range(0, len(data), block_bytes)]
+    """Flat checksums: one per ``block_bytes`` block of ``data`` (values, version 1)."""
+    return BlockGrid.flat(len(data), block_bytes).checksums(data, algorithm)

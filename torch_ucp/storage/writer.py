@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
+import pickle
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +26,9 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from torch_ucp import knobs
-from torch_ucp.errors import CheckpointError, CheckpointExistsError
+from torch_ucp.errors import CheckpointError, CommitConflictError, UnsafeCheckpointError
 from torch_ucp.metadata.codec import encode_metadata, placement_from_json
 from torch_ucp.metadata.schema import (
-    METADATA_FILE,
     CheckpointMetadata,
     Fragment,
     MeshInfo,
@@ -38,17 +38,19 @@ from torch_ucp.metadata.schema import (
 )
 from torch_ucp.planner.plan_table import write_item_nbytes
 from torch_ucp.planner.provenance import SaveInfo, flatten_mapping_of
-from torch_ucp.storage.checksum import DEFAULT_ALGORITHM
+from torch_ucp.storage import commit
+from torch_ucp.storage.checksum import DEFAULT_ALGORITHM, BlockGrid
+from torch_ucp.storage.commit import DATA_PREFIX, new_save_id
 from torch_ucp.storage.objects import ITEM_ALIGNMENT, ObjectStream
 from torch_ucp.storage.store import Store
-from torch_ucp.storage.values import encode_value
+from torch_ucp.storage.values import TORCH_SAVE, encode_value
 
 logger = logging.getLogger(__name__)
 
 if sys.byteorder != "little":  # pragma: no cover - every torch platform today
     raise ImportError("torch_ucp stores raw little-endian bytes and needs a little-endian host")
 
-DATA_PREFIX = "data-"
+__all__ = ["DATA_PREFIX", "ItemStored", "UCPWriter", "build_checkpoint_metadata", "new_save_id", "tensor_bytes"]
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def new_save_id() -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-
-
 def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
     """Spread items over ``bins`` data objects by bytes (largest first), keeping plan order
     inside each object."""
@@ -102,18 +100,25 @@ class UCPWriter(StorageWriter):
 
     Each rank streams its fragments into a few large data objects (one per writer thread) under
     ``data-<save_id>/``, computing block checksums on the way; the coordinator then commits by
-    writing ``.metadata`` last and atomically, and removes data objects of earlier or abandoned
-    saves. A save that fails on any rank commits nothing, and a committed checkpoint at the URL
-    stays loadable until the new one is committed.
+    writing ``.metadata`` last, atomically and conditionally (:mod:`torch_ucp.storage.commit`: of
+    concurrent saves to one URL at most one commits), and removes data of saves that can no
+    longer commit, and nothing else. A save that fails on any rank commits nothing and removes
+    its own data; a committed checkpoint at the URL stays loadable until the new one commits.
 
     Args:
         url: checkpoint folder: a path or fsspec URL (``s3://bucket/run/step-100``). May be
             given later as ``checkpoint_id`` to ``dcp.save``.
-        overwrite: allow replacing a committed checkpoint at the same URL.
+        overwrite: allow replacing a committed checkpoint at the same URL (checked when the
+            save starts and again, atomically, when it commits).
         threads: writer threads (= data objects, = uploads in flight) per rank; default 2 on
             local disk (``TORCH_UCP_WRITE_THREADS``), 8 on object stores
             (``TORCH_UCP_REMOTE_WRITE_THREADS``).
-        checksum_block_bytes: checksum granularity.
+        checksum_block_bytes: bytes per checksum block (64 KiB, ``TORCH_UCP_CHECKSUM_BLOCK_BYTES``).
+        checksum_block_width: bytes of a row per block (2 KiB, ``TORCH_UCP_CHECKSUM_BLOCK_WIDTH``;
+            see :class:`~torch_ucp.storage.checksum.BlockGrid`).
+        allow_pickle: store values that have no pickle-free encoding with ``torch.save``
+            (default: refuse them, naming the key and the type). Loading them then needs
+            ``allow_pickle=True`` too.
         **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ``anon=`` ...).
     """
 
@@ -124,14 +129,32 @@ class UCPWriter(StorageWriter):
         overwrite: bool = False,
         threads: int | None = None,
         checksum_block_bytes: int | None = None,
+        checksum_block_width: int | None = None,
+        allow_pickle: bool = False,
         **storage_options: Any,
     ) -> None:
         super().__init__()
+        _check_flag("overwrite", overwrite)
+        _check_flag("allow_pickle", allow_pickle)
+        if threads is not None:
+            _check_int("threads", threads, 1, 1024)
+        block_bytes = _check_int(
+            "checksum_block_bytes",
+            knobs.checksum_block_bytes() if checksum_block_bytes is None else checksum_block_bytes,
+            MIN_BLOCK_BYTES, 1 << 30, multiple=ITEM_SIZE_MAX,
+        )
+        block_width = _check_int(
+            "checksum_block_width",
+            knobs.checksum_block_width() if checksum_block_width is None else checksum_block_width,
+            ITEM_SIZE_MAX, block_bytes, multiple=ITEM_SIZE_MAX,
+        )
         self.storage_options = storage_options
         self.store = Store(url, storage_options) if url is not None else None
         self.overwrite = overwrite
+        self.allow_pickle = allow_pickle
         self._threads = threads
-        self.checksum_block_bytes = checksum_block_bytes or knobs.checksum_block_bytes()
+        self.checksum_block_bytes = block_bytes
+        self.checksum_block_width = block_width
         self.checksum_algorithm = DEFAULT_ALGORITHM
         self.is_coordinator = False
         self.save_id: str | None = None
@@ -171,12 +194,9 @@ class UCPWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         assert self.store is not None
-        if not self.overwrite and self.store.exists(METADATA_FILE):
-            raise CheckpointExistsError(
-                f"{self.store.url} already holds a committed checkpoint; pass "
-                "UCPWriter(..., overwrite=True) to replace it"
-            )
         save_id = new_save_id()
+        commit.begin(self.store, save_id, overwrite=self.overwrite)  # refuses early, marks the folder
+        self.save_id = save_id
         return [
             dataclasses.replace(plan, storage_data=_RankAssignment(save_id, rank))
             for rank, plan in enumerate(plans)
@@ -196,15 +216,21 @@ class UCPWriter(StorageWriter):
                 f"writing {self.store.describe(rel)}",
             )
 
-        self.store.makedirs(folder)
-        if len(bins) <= 1:
-            results = [r for k, b in enumerate(bins) for r in write_object(k, b)]
-        else:
-            with ThreadPoolExecutor(len(bins), "ucp-write") as pool:
-                futures = [pool.submit(write_object, k, b) for k, b in enumerate(bins)]
-                results = [r for f in futures for r in f.result()]
-        if bins:
-            self.store.fsync_dir(folder)
+        try:
+            self.store.makedirs(folder)
+            if len(bins) <= 1:
+                results = [r for k, b in enumerate(bins) for r in write_object(k, b)]
+            else:
+                with ThreadPoolExecutor(len(bins), "ucp-write") as pool:
+                    futures = [pool.submit(write_object, k, b) for k, b in enumerate(bins)]
+                    results = [r for f in futures for r in f.result()]
+            if bins:
+                self.store.fsync_dir(folder)
+        except BaseException as e:
+            failure = self._failed(assignment.save_id, e)
+            if failure is e:
+                raise
+            raise failure from e
         self.bytes_written = sum(r.size_in_bytes for r in results)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
@@ -219,8 +245,8 @@ class UCPWriter(StorageWriter):
         stream = ObjectStream(self.store, rel, ITEM_ALIGNMENT)
         try:
             for item in items:
-                data, encoding = self._item_bytes(item, planner)
-                stored = stream.append(data, self.checksum_block_bytes, self.checksum_algorithm)
+                data, encoding, grid = self._item_bytes(item, planner)
+                stored = stream.append(data, grid, self.checksum_algorithm)
                 results.append(
                     WriteResult(
                         index=item.index,
@@ -234,14 +260,24 @@ class UCPWriter(StorageWriter):
             raise
         return results
 
-    def _item_bytes(self, item: WriteItem, planner: SavePlanner) -> tuple[memoryview, str | None]:
+    def block_grid(self, shape: tuple[int, ...], itemsize: int) -> BlockGrid:
+        """The checksum blocks of a fragment of this shape and element size (flat for values:
+        ``shape=(nbytes,)``, ``itemsize=1``)."""
+        return BlockGrid.for_fragment(shape, itemsize, self.checksum_block_bytes, self.checksum_block_width)
+
+    def _item_bytes(
+        self, item: WriteItem, planner: SavePlanner
+    ) -> tuple[memoryview, str | None, BlockGrid]:
         if item.type != WriteItemType.BYTE_IO:
-            return tensor_bytes(planner.resolve_data(item)), None
+            tensor = planner.resolve_data(item)
+            return tensor_bytes(tensor), None, self.block_grid(tuple(tensor.shape), tensor.dtype.itemsize)
+        name = item.index.fqn
         resolve_object = getattr(planner, "resolve_object", None)
         if resolve_object is not None:
-            encoding, payload = encode_value(resolve_object(item))
-            return memoryview(payload), encoding
-        return memoryview(planner.resolve_data(item).getvalue()), "torch_save"
+            encoding, payload = encode_value(resolve_object(item), name=name, allow_pickle=self.allow_pickle)
+        else:  # a stock planner hands over torch.save bytes: re-encode them without pickle
+            encoding, payload = _reencode_stock_bytes(planner.resolve_data(item), name, self.allow_pickle)
+        return memoryview(payload), encoding, self.block_grid((len(payload),), 1)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self.store is not None
@@ -250,23 +286,38 @@ class UCPWriter(StorageWriter):
             results,
             checksum_algorithm=self.checksum_algorithm,
             checksum_block_bytes=self.checksum_block_bytes,
+            checksum_block_width=self.checksum_block_width,
+            save_id=self.save_id,
         )
         self.save_id = meta.save_id
-        self.store.write_atomic(METADATA_FILE, encode_metadata(meta))
+        sizes = {}
+        for s in _stored_bytes(meta):
+            sizes[s.object] = max(sizes.get(s.object, 0), s.byte_offset + s.byte_length)
+        try:
+            commit.publish(self.store, meta.save_id, encode_metadata(meta), overwrite=self.overwrite,
+                           objects=sizes)
+        except BaseException as e:
+            failure = self._failed(meta.save_id, e)
+            if failure is e:
+                raise
+            raise failure from e
         self.metadata = meta
-        self._remove_stale(meta.save_id)
+        commit.remove_stale(self.store, meta.save_id)
 
-    def _remove_stale(self, save_id: str) -> None:
-        """Delete data of earlier or abandoned saves, never the one just committed."""
+    def _failed(self, save_id: str, error: BaseException) -> BaseException:
+        """Remove this save's own data after a failure; the error to raise (a concurrent save
+        that removed the data is named as such)."""
         assert self.store is not None
-        for name in self.store.list_dir(""):
-            stale_data = name.startswith(DATA_PREFIX) and name != f"{DATA_PREFIX}{save_id}"
-            stale_tmp = name.startswith(f"{METADATA_FILE}.tmp-") or name.startswith(
-                f".{METADATA_FILE}.tmp-"
+        concurrent = not isinstance(error, CheckpointError) and not isinstance(
+            commit.read_marker(self.store, save_id), dict
+        )
+        commit.discard(self.store, save_id)
+        if concurrent:
+            return CommitConflictError(
+                f"save {save_id} to {self.store.url} failed: its data folder was removed while it "
+                f"ran (by a concurrent save that committed there, or by hand): {error}"
             )
-            if stale_data or stale_tmp:
-                logger.info("torch_ucp: removing stale %s", self.store.describe(name))
-                self.store.remove(name)
+        return error
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
@@ -282,14 +333,17 @@ def build_checkpoint_metadata(
     *,
     checksum_algorithm: str,
     checksum_block_bytes: int,
+    checksum_block_width: int | None = None,
+    save_id: str | None = None,
 ) -> CheckpointMetadata:
     """Join DCP's global metadata with every rank's write results into the torch_ucp format."""
     stored: dict[MetadataIndex, ItemStored] = {
         r.index: r.storage_data for rank_results in results for r in rank_results
     }
     info = SaveInfo.from_planner_data(metadata.planner_data) or SaveInfo()
-    save_ids = {s.data.object.split("/", 1)[0] for s in stored.values()}
-    save_id = next(iter(save_ids))[len(DATA_PREFIX):] if save_ids else new_save_id()
+    if save_id is None:
+        save_ids = {s.data.object.split("/", 1)[0] for s in stored.values()}
+        save_id = next(iter(save_ids))[len(DATA_PREFIX):] if save_ids else new_save_id()
     tensors: dict[str, TensorEntry] = {}
     objects: dict[str, ObjectEntry] = {}
     for fqn, md in metadata.state_dict_metadata.items():
@@ -338,9 +392,53 @@ def build_checkpoint_metadata(
         flatten_mapping=flatten_mapping_of(metadata.planner_data),
         checksum_algorithm=checksum_algorithm,
         checksum_block_bytes=checksum_block_bytes,
+        checksum_block_width=checksum_block_width,
         patterns=info.patterns,
         torch_version=torch.__version__,
         created=time.time(),
     )
 
 
+
+
+MIN_BLOCK_BYTES = 1 << 10
+ITEM_SIZE_MAX = 16  # the largest element size: block widths stay whole elements of any dtype
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if type(value) is not bool:
+        raise TypeError(f"UCPWriter: {name} must be True or False, got {value!r}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, *, multiple: int = 1) -> int:
+    if type(value) is not int:
+        raise TypeError(f"UCPWriter: {name} must be an int, got {value!r}")
+    if not lo <= value <= hi or value % multiple:
+        rule = f" and a multiple of {multiple}" if multiple > 1 else ""
+        raise ValueError(f"UCPWriter: {name} must be between {lo} and {hi}{rule}, got {value}")
+    return value
+
+
+def _stored_bytes(meta: CheckpointMetadata):
+    for t in meta.tensors.values():
+        for f in t.fragments:
+            yield f.data
+    for o in meta.objects.values():
+        yield o.data
+
+
+def _reencode_stock_bytes(data: Any, name: str, allow_pickle: bool) -> tuple[str, bytes]:
+    """A stock planner's ``torch.save`` bytes of a value, re-encoded without pickle where the
+    value allows (unpickled with ``weights_only=True``: these are this process's own bytes)."""
+    raw = data.getvalue() if hasattr(data, "getvalue") else bytes(data)
+    try:
+        value = torch.load(io.BytesIO(raw), weights_only=True)
+    except pickle.UnpicklingError as e:
+        if allow_pickle:
+            return TORCH_SAVE, raw
+        raise UnsafeCheckpointError(
+            f"cannot save value {name!r} without pickle: {str(e).splitlines()[0]}. Convert it, "
+            "or pass allow_pickle=True to the writer to store it with torch.save (loading it "
+            "then needs allow_pickle=True)"
+        ) from None
+    return encode_value(value, name=name, allow_pickle=allow_pickle)
