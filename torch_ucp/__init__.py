@@ -11,8 +11,10 @@ from torch_ucp.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CommitConflictError,
     CorruptCheckpointError,
     LoadPlanError,
+    UnsafeCheckpointError,
     UnsupportedFormatError,
 )
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
@@ -28,12 +30,14 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "CommitConflictError",
     "CorruptCheckpointError",
     "LoadPlanError",
     "UCPLoadPlanner",
     "UCPReader",
     "UCPSavePlanner",
     "UCPWriter",
+    "UnsafeCheckpointError",
     "UnsupportedFormatError",
     "open_checkpoint",
 ]

@@ -546,7 +546,7 @@ def async_save(
             a torn checkpoint; a change through another tensor over the same memory is not
             seen (FSDP2's ``state_dict()`` returns such tensors for its parameters).
         **storage_options: passed to :class:`torch_ucp.UCPWriter` with a URL
-            (``endpoint_url=``, ``key=`` ...).
+            (``endpoint_url=``, ``key=`` ..., and its own options such as ``allow_pickle=True``).
 
     Returns:
         An :class:`AsyncSaveHandle`: ``result()`` waits and re-raises a failure.

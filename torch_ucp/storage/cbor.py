@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_DEPTH = 100  # containers nested deeper than this are refused on both sides
+OBJECT_TAG = 27  # RFC 8949 registry: "object with type name and constructor arguments"
 
 
 class CBORError(ValueError):
@@ -110,11 +111,26 @@ def dumps(value: Any, default: Callable[[Any, str], Tag] | None = None) -> bytes
                     path.pop()
             else:
                 _head(out, 6, v.number)
-                enc(v.value, depth + 1)
+                if v.number == OBJECT_TAG and type(v.value) is list:
+                    enc_object(v.value, depth + 1)
+                else:
+                    enc(v.value, depth + 1)
         elif default is not None:
             enc(default(v, _path(path)), depth)
         else:
             raise CBORError(f"{t.__name__} is not in the CBOR data model", _path(path))
+
+    def enc_object(items: list[Any], depth: int) -> None:
+        """Tag 27's ``[type name, arguments...]``: in error paths, the arguments are the
+        object's items (and a single map argument is the object itself)."""
+        _head(out, 4, len(items))
+        for i, item in enumerate(items):
+            own = i == 0 or (len(items) == 2 and type(item) is dict)
+            if not own:
+                path.append(i - 1)
+            enc(item, depth)
+            if not own:
+                path.pop()
 
     enc(value, 0)
     return bytes(out)

@@ -25,6 +25,7 @@ import collections
 import enum
 import io
 import json
+import pickle
 import sys
 from typing import Any
 
@@ -32,11 +33,10 @@ import numpy as np
 import torch
 
 from torch_ucp.errors import CorruptCheckpointError, UnsafeCheckpointError
-from torch_ucp.storage.cbor import MAX_DEPTH, CBORError, Tag, dumps, loads
+from torch_ucp.storage.cbor import MAX_DEPTH, OBJECT_TAG, CBORError, Tag, dumps, loads
 
 RAW, JSON, CBOR, TORCH_SAVE = "raw", "json", "cbor", "torch_save"
 ENCODINGS = (RAW, JSON, CBOR, TORCH_SAVE)
-OBJECT_TAG = 27  # RFC 8949 registry: [type name, constructor arguments...]
 
 _INT64 = 1 << 63
 _TORCH_SINGLETONS = {
@@ -186,6 +186,25 @@ def decode_value(
     raise CorruptCheckpointError(
         f"value {name!r}: unknown value encoding {encoding!r} (known: {', '.join(ENCODINGS)})"
     )
+
+
+def load_torch_save(data: Any, name: str, *, allow_pickle: bool, opt_in: str) -> Any:
+    """A value stock DCP stored with ``torch.save`` (a file-like object or bytes): loaded with
+    ``weights_only=True`` (plain containers, numbers, strings, tensors), and with full
+    unpickling only if ``allow_pickle``. ``opt_in`` names the option in the error."""
+    buf = data if hasattr(data, "read") else io.BytesIO(data)
+    start = buf.tell()
+    try:
+        return torch.load(buf, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"value {name!r} needs full unpickling, which runs whatever code the checkpoint "
+                f"names ({str(e).splitlines()[0]}). Only if you trust this checkpoint, pass "
+                f"{opt_in}"
+            ) from None
+    buf.seek(start)
+    return torch.load(buf, weights_only=False)
 
 
 def _no_constant(token: str) -> Any:
