@@ -87,7 +87,7 @@ class _Blocks:
     row's byte 0 would be; only the blocks' bytes are touched)."""
 
     grid: BlockGrid
-    mats: list[int]
+    mats: Sequence[int]
     bands: range
     pieces: range
     row_at: Callable[[int, int], int]
@@ -169,17 +169,19 @@ class _ObjectMaps:
         with self._lock:
             hit = self._maps.get(obj)
             if hit is None:
-                path = self.store.path(obj)
                 try:
-                    with open(path, "rb") as f:
-                        size = os.fstat(f.fileno()).st_size
-                        # ACCESS_COPY: a writable private view (torch wants writable buffers);
-                        # nothing is ever written, so nothing is copied
-                        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+                    fd = self.store.open_local(obj)  # a regular file inside the checkpoint
                 except FileNotFoundError:
                     raise CorruptCheckpointError(
                         f"cannot read tensor {name!r}: data object {self.store.describe(obj)} is missing"
                     ) from None
+                try:
+                    size = os.fstat(fd).st_size
+                    # ACCESS_COPY: a writable private view (torch wants writable buffers);
+                    # nothing is ever written, so nothing is copied
+                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if size else None
+                finally:
+                    os.close(fd)
                 data = torch.frombuffer(mm, dtype=torch.uint8) if mm is not None else torch.empty(0, dtype=torch.uint8)
                 hit = self._maps[obj] = (mm, data)
             data = hit[1]
@@ -257,6 +259,14 @@ class FragmentReader:
         contiguous_dest = (
             r.dest.is_contiguous() and r.dest.dtype == r.dtype and r.dest.device.type == "cpu"
         )
+        if tuple(r.lengths) == tuple(r.fragment_shape) and needed:  # the whole fragment
+            strides = c_strides(r.fragment_shape)
+            blocks = None
+            if self.verify:
+                grid = self._grid(r)
+                blocks = _Blocks(grid, range(grid.mats), range(grid.bands), range(grid.pieces),
+                                 lambda m, row: (m * grid.rows + row) * grid.row_bytes)
+            return _Job(r, [(0, frag_bytes)], strides, 0, contiguous_dest, blocks)
         if self.verify and needed:
             return self._verified_job(r, frag_bytes, needed, contiguous_dest)
         plan = plan_box_ranges(r.fragment_shape, r.offsets, r.lengths, itemsize, self.waste_ratio)
