@@ -29,7 +29,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from torch_ucp import CorruptCheckpointError, UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter, open_checkpoint
+from torch_ucp import (
+    CorruptCheckpointError,
+    UCPLoadPlanner,
+    UCPReader,
+    UCPSavePlanner,
+    UCPWriter,
+    open_checkpoint,
+)
 from torch_ucp.demo.launch import run_distributed
 
 TRIALS = {"whole": 100, "sliced": 120, "resharded": 100}
@@ -64,10 +71,11 @@ def _flip(base: str, path: str, rng: random.Random) -> tuple[str, int]:
     objects = _objects(path)
     total = sum(size for _, size in objects)
     at = rng.randrange(total)
-    for name, size in objects:
-        if at < size:
-            break
-        at -= size
+    k = 0
+    while at >= objects[k][1]:
+        at -= objects[k][1]
+        k += 1
+    name = objects[k][0]
     with open(os.path.join(path, name), "r+b") as f:
         f.seek(at)
         b = f.read(1)[0]
