@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter, knobs, open_checkpoint
-from torch_ucp.storage.checksum import DEFAULT_ALGORITHM, block_checksums
+from torch_ucp.storage.checksum import DEFAULT_ALGORITHM, BlockGrid
 
 STATE = {f"layer{i}.weight": torch.randn(2048, 2048) for i in range(8)}  # 128 MiB
 
@@ -65,14 +65,16 @@ def test_sliced_read_column_block(benchmark, tmp_path):
     assert torch.equal(out[0], STATE["layer0.weight"][:, :1024])
 
 
-def test_checksum_throughput(benchmark):
-    """Block checksums of a 64 MiB buffer as the writer computes them (default algorithm and
-    block size); ``extra_info["GB/s"]`` when timed (``--benchmark-enable``)."""
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_checksum_throughput(benchmark, layout):
+    """Block checksums of 64 MiB as the writer computes them and a whole-fragment read verifies
+    them (default algorithm and blocks): ``rows``, a [4096, 4096] float32 fragment (2 KiB x 32-row
+    blocks); ``flat``, 1-D data or a value. ``extra_info["GB/s"]`` when timed (``--benchmark-enable``)."""
     data = memoryview(torch.randint(0, 256, (64 << 20,), dtype=torch.uint8).numpy())
-    block = knobs.checksum_block_bytes()
-    sums = benchmark.pedantic(block_checksums, args=(data, block, DEFAULT_ALGORITHM), rounds=5,
-                              warmup_rounds=1)
-    assert len(sums) == -(-len(data) // block)
+    shape, itemsize = ((4096, 4096), 4) if layout == "rows" else ((64 << 20,), 1)
+    grid = BlockGrid.for_fragment(shape, itemsize, knobs.checksum_block_bytes(), knobs.checksum_block_width())
+    sums = benchmark.pedantic(grid.checksums, args=(data, DEFAULT_ALGORITHM), rounds=5, warmup_rounds=1)
+    assert len(sums) == grid.count
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["algorithm"] = DEFAULT_ALGORITHM
         benchmark.extra_info["GB/s"] = round(len(data) / benchmark.stats.stats.min / 1e9, 2)

@@ -22,6 +22,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 try:
     import crc32c as _crc32c
 except ImportError:  # pragma: no cover - crc32c is a declared dependency
@@ -115,22 +117,39 @@ class BlockGrid:
         pieces: range,
     ) -> list[int]:
         """Checksums of blocks ``mats x bands x pieces`` (C order), reading row ``r`` of matrix
-        ``m`` at ``mem[row_at(m, r) + byte]`` for the bytes of the pieces."""
+        ``m`` at ``mem[row_at(m, r) + byte]`` (``row_at`` is affine in ``r``)."""
         out: list[int] = []
         w, rb = self.width, self.row_bytes
         spans = [(j * w, min(j * w + w, rb)) for j in pieces]
         whole_rows = len(spans) == 1 and spans[0] == (0, rb)
+        full = [j for j in pieces if j * w + w <= rb]  # full-width pieces (all but a narrow last)
+        flat = np.frombuffer(mem, dtype=np.uint8) if full and not whole_rows and self.band > 1 else None
         for m in mats:
             for i in bands:
                 lo, hi = i * self.band, min(i * self.band + self.band, self.rows)
                 first = row_at(m, lo)
-                if whole_rows and row_at(m, hi - 1) - first == (hi - 1 - lo) * rb:
+                stride = row_at(m, lo + 1) - first if hi - lo > 1 else rb
+                if whole_rows and stride == rb:
                     out.append(fn(mem[first : first + (hi - lo) * rb]))  # one contiguous block
                     continue
                 crcs = [0] * len(spans)
+                if flat is not None and hi - lo > 1:
+                    # the band's full pieces, gathered block by block (one copy), one call each
+                    start = first + full[0] * w
+                    view = np.lib.stride_tricks.as_strided(
+                        flat[start:], shape=(hi - lo, len(full), w), strides=(stride, w, 1),
+                        writeable=False,
+                    )
+                    blocks = np.ascontiguousarray(view.transpose(1, 0, 2))
+                    for k in range(len(full)):
+                        crcs[k] = fn(memoryview(blocks[k]).cast("B"))
+                    rest = spans[len(full) :]
+                else:
+                    rest = spans
+                skip = len(spans) - len(rest)
                 for r in range(lo, hi):
                     at = row_at(m, r)
-                    for k, (a, b) in enumerate(spans):
+                    for k, (a, b) in enumerate(rest, skip):
                         crcs[k] = fn(mem[at + a : at + b], crcs[k])
                 out.extend(crcs)
         return out
