@@ -36,15 +36,18 @@ def test_save(benchmark, tmp_path, system):
     benchmark.pedantic(_save_ucp if system == "torch_ucp" else _save_stock, args=(path,), rounds=3)
 
 
-@pytest.mark.parametrize("system", ["torch_ucp", "dcp"])
+@pytest.mark.parametrize("system", ["torch_ucp", "torch_ucp-noverify", "dcp"])
 def test_load_same_layout(benchmark, tmp_path, system):
+    """``torch_ucp`` verifies every byte (the default), ``-noverify`` is ``verify=False``."""
     path = str(tmp_path / "ckpt")
-    (_save_ucp if system == "torch_ucp" else _save_stock)(path)
+    ucp = system.startswith("torch_ucp")
+    (_save_ucp if ucp else _save_stock)(path)
     target = {k: torch.empty_like(v) for k, v in STATE.items()}
 
     def load():
-        if system == "torch_ucp":
-            dcp.load(target, storage_reader=UCPReader(path), planner=UCPLoadPlanner(), no_dist=True)
+        if ucp:
+            reader = UCPReader(path, verify=system == "torch_ucp")
+            dcp.load(target, storage_reader=reader, planner=UCPLoadPlanner(), no_dist=True)
         else:
             dcp.load(target, checkpoint_id=path, no_dist=True)
 
@@ -52,11 +55,12 @@ def test_load_same_layout(benchmark, tmp_path, system):
     assert all(torch.equal(target[k], v) for k, v in STATE.items())
 
 
-def test_sliced_read_column_block(benchmark, tmp_path):
+@pytest.mark.parametrize("verify", [True, False])
+def test_sliced_read_column_block(benchmark, tmp_path, verify):
     """A column block of every tensor: the reshard read pattern (half of every row)."""
     path = str(tmp_path / "ckpt")
     _save_ucp(path)
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, verify=verify)
 
     def read():
         return [ckpt.read(k, (slice(None), slice(0, 1024))) for k in STATE]

@@ -117,42 +117,64 @@ class BlockGrid:
         pieces: range,
     ) -> list[int]:
         """Checksums of blocks ``mats x bands x pieces`` (C order), reading row ``r`` of matrix
-        ``m`` at ``mem[row_at(m, r) + byte]`` (``row_at`` is affine in ``r``)."""
+        ``m`` at ``mem[row_at(m, r) + byte]`` (``row_at`` is affine in ``r`` within a matrix).
+
+        Blocks of whole rows are contiguous: one checksum call each. Otherwise the full-width
+        blocks of up to :data:`GATHER_BYTES` of consecutive bands are gathered block by block
+        with one strided copy, then checksummed one call per block; a narrower last piece of
+        each row is checksummed row by row."""
         out: list[int] = []
-        w, rb = self.width, self.row_bytes
+        w, rb, h = self.width, self.row_bytes, self.band
         spans = [(j * w, min(j * w + w, rb)) for j in pieces]
         whole_rows = len(spans) == 1 and spans[0] == (0, rb)
-        full = [j for j in pieces if j * w + w <= rb]  # full-width pieces (all but a narrow last)
-        flat = np.frombuffer(mem, dtype=np.uint8) if full and not whole_rows and self.band > 1 else None
+        full = len([j for j in pieces if j * w + w <= rb])  # full-width pieces come first
+        narrow = spans[full:]
+        # (bands of one row need no gathering: their blocks are contiguous)
+        flat = np.frombuffer(mem, dtype=np.uint8) if full and not whole_rows and h > 1 else None
         for m in mats:
-            for i in bands:
-                lo, hi = i * self.band, min(i * self.band + self.band, self.rows)
+            i = bands.start
+            while i < bands.stop:
+                lo = i * h
                 first = row_at(m, lo)
-                stride = row_at(m, lo + 1) - first if hi - lo > 1 else rb
+                stride = row_at(m, lo + 1) - first if self.rows - lo > 1 else rb
                 if whole_rows and stride == rb:
+                    hi = min(lo + h, self.rows)
                     out.append(fn(mem[first : first + (hi - lo) * rb]))  # one contiguous block
+                    i += 1
                     continue
-                crcs = [0] * len(spans)
-                if flat is not None and hi - lo > 1:
-                    # the band's full pieces, gathered block by block (one copy), one call each
-                    start = first + full[0] * w
+                # consecutive bands of h rows each (the last band of a matrix may be shorter)
+                count = 1
+                if flat is not None and lo + h <= self.rows:
+                    per_band = h * full * w
+                    count = max(1, min(bands.stop - i, (self.rows - lo) // h, GATHER_BYTES // per_band))
+                rows = min(h, self.rows - lo)
+                gathered = None
+                if flat is not None:
                     view = np.lib.stride_tricks.as_strided(
-                        flat[start:], shape=(hi - lo, len(full), w), strides=(stride, w, 1),
+                        flat[first + pieces.start * w :],
+                        shape=(count, rows, full, w),
+                        strides=(h * stride, stride, w, 1),
                         writeable=False,
                     )
-                    blocks = np.ascontiguousarray(view.transpose(1, 0, 2))
-                    for k in range(len(full)):
-                        crcs[k] = fn(memoryview(blocks[k]).cast("B"))
-                    rest = spans[len(full) :]
-                else:
-                    rest = spans
-                skip = len(spans) - len(rest)
-                for r in range(lo, hi):
-                    at = row_at(m, r)
-                    for k, (a, b) in enumerate(rest, skip):
-                        crcs[k] = fn(mem[at + a : at + b], crcs[k])
-                out.extend(crcs)
+                    gathered = np.ascontiguousarray(view.transpose(0, 2, 1, 3))
+                for b in range(count):
+                    crcs = [0] * len(spans)
+                    if gathered is not None:
+                        for k in range(full):
+                            crcs[k] = fn(memoryview(gathered[b, k]).cast("B"))
+                    if narrow or gathered is None:
+                        todo = narrow if gathered is not None else spans
+                        skip = len(spans) - len(todo)
+                        for r in range(lo + b * h, lo + b * h + rows):
+                            at = row_at(m, r)
+                            for k, (a, z) in enumerate(todo, skip):
+                                crcs[k] = fn(mem[at + a : at + z], crcs[k])
+                    out.extend(crcs)
+                i += count
         return out
+
+
+GATHER_BYTES = 2 << 20  # a strided gather copies at most this much at once (stays in cache)
 
 
 def block_checksums(data: memoryview, block_bytes: int, algorithm: str) -> list[int]:
