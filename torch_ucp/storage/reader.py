@@ -43,6 +43,11 @@ def read_value_bytes(store: Store, entry: ObjectEntry, meta: CheckpointMetadata,
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"cannot read value {entry.fqn!r}: {e}") from e
     if verify and data.byte_length:
+        if type(meta.checksum_block_bytes) is not int or meta.checksum_block_bytes < 1:
+            raise CorruptCheckpointError(
+                f"value {entry.fqn!r}: checksum block size {meta.checksum_block_bytes!r} is not a "
+                "positive integer"
+            )
         grid = BlockGrid.flat(data.byte_length, meta.checksum_block_bytes)
         if len(data.checksums) != grid.count:
             raise CorruptCheckpointError(
