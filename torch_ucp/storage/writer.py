@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -9,6 +10,7 @@ import os
 import pickle
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -216,7 +218,7 @@ class UCPWriter(StorageWriter):
                 f"writing {self.store.describe(rel)}",
             )
 
-        try:
+        with self._removed_on_failure(assignment.save_id):
             self.store.makedirs(folder)
             if len(bins) <= 1:
                 results = [r for k, b in enumerate(bins) for r in write_object(k, b)]
@@ -226,11 +228,6 @@ class UCPWriter(StorageWriter):
                     results = [r for f in futures for r in f.result()]
             if bins:
                 self.store.fsync_dir(folder)
-        except BaseException as e:
-            failure = self._failed(assignment.save_id, e)
-            if failure is e:
-                raise
-            raise failure from e
         self.bytes_written = sum(r.size_in_bytes for r in results)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
@@ -290,34 +287,30 @@ class UCPWriter(StorageWriter):
             save_id=self.save_id,
         )
         self.save_id = meta.save_id
-        sizes = {}
-        for s in _stored_bytes(meta):
-            sizes[s.object] = max(sizes.get(s.object, 0), s.byte_offset + s.byte_length)
-        try:
+        with self._removed_on_failure(meta.save_id):
             commit.publish(self.store, meta.save_id, encode_metadata(meta), overwrite=self.overwrite,
-                           objects=sizes)
-        except BaseException as e:
-            failure = self._failed(meta.save_id, e)
-            if failure is e:
-                raise
-            raise failure from e
+                           objects=_object_sizes(meta))
         self.metadata = meta
         commit.remove_stale(self.store, meta.save_id)
 
-    def _failed(self, save_id: str, error: BaseException) -> BaseException:
-        """Remove this save's own data after a failure; the error to raise (a concurrent save
-        that removed the data is named as such)."""
+    @contextlib.contextmanager
+    def _removed_on_failure(self, save_id: str) -> Iterator[None]:
+        """On a failure, remove this save's own data before raising; a failure because a
+        concurrent save removed that data is raised as :class:`CommitConflictError`."""
         assert self.store is not None
-        concurrent = not isinstance(error, CheckpointError) and not isinstance(
-            commit.read_marker(self.store, save_id), dict
-        )
-        commit.discard(self.store, save_id)
-        if concurrent:
-            return CommitConflictError(
-                f"save {save_id} to {self.store.url} failed: its data folder was removed while it "
-                f"ran (by a concurrent save that committed there, or by hand): {error}"
+        try:
+            yield
+        except BaseException as e:
+            concurrent = not isinstance(e, CheckpointError) and not isinstance(
+                commit.read_marker(self.store, save_id), dict
             )
-        return error
+            commit.discard(self.store, save_id)
+            if concurrent:
+                raise CommitConflictError(
+                    f"save {save_id} to {self.store.url} failed: its data folder was removed while "
+                    f"it ran (by a concurrent save that committed there, or by hand): {e}"
+                ) from e
+            raise
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
@@ -419,12 +412,13 @@ def _check_int(name: str, value: Any, lo: int, hi: int, *, multiple: int = 1) ->
     return value
 
 
-def _stored_bytes(meta: CheckpointMetadata):
-    for t in meta.tensors.values():
-        for f in t.fragments:
-            yield f.data
-    for o in meta.objects.values():
-        yield o.data
+def _object_sizes(meta: CheckpointMetadata) -> dict[str, int]:
+    """Every data object the metadata refers to, and the size it must have at least."""
+    sizes: dict[str, int] = {}
+    stored = [f.data for t in meta.tensors.values() for f in t.fragments]
+    for s in stored + [o.data for o in meta.objects.values()]:
+        sizes[s.object] = max(sizes.get(s.object, 0), s.byte_offset + s.byte_length)
+    return sizes
 
 
 def _reencode_stock_bytes(data: Any, name: str, allow_pickle: bool) -> tuple[str, bytes]:
