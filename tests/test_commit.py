@@ -112,7 +112,10 @@ def _race(base_url: str, options: dict, user_folder, size: tuple[int, int]) -> d
             first = rng.randrange(2)
             at = time.time() + 0.02
             jobs[first].start(url, options, overwrite, seeds[first], at)
-            jobs[1 - first].start(url, options, overwrite, seeds[1 - first], at + rng.uniform(0, 0.5))
+            # staggered by 0-0.5 s; every other trial by at most 50 ms, so races happen even
+            # where saves are fast
+            delay = rng.uniform(0, 0.5 if trial % 2 else 0.05)
+            jobs[1 - first].start(url, options, overwrite, seeds[1 - first], at + delay)
             outcomes = [(seeds[i], jobs[i].result()) for i in range(2)]
             committed = _check_trial(store, outcomes, committed, overwrite, size)
             ok = sum(o.ok for _, o in outcomes)
