@@ -9,10 +9,11 @@ Prints the machine, then one table:
   most 1 GiB) in ``--dir``, 16 MiB blocks with ``O_DIRECT`` from one thread, like
   ``dd bs=16M oflag=direct`` (buffered where ``O_DIRECT`` is refused, said in the notes);
 * save and same-layout load on local disk (torch_ucp vs FileSystemWriter / FileSystemReader
-  with DCP's defaults and with 4 threads);
+  with DCP's defaults and with 4 threads), torch_ucp also with ``verify=False``: what verifying
+  every byte read costs;
 * two resharded loads, with bytes read per bytes needed: saved Shard(0) over 4 ranks, loaded
-  Shard(1) over 2 ranks; and saved as FSDP2 over tensor parallelism on a (dp=2, tp=2) mesh,
-  loaded as FSDP (Shard(0)) over 2 ranks;
+  Shard(1) over 2 ranks (torch_ucp also with ``verify=False``); and saved as FSDP2 over tensor
+  parallelism on a (dp=2, tp=2) mesh, loaded as FSDP (Shard(0)) over 2 ranks;
 * asynchronous save (``torch_ucp.async_save`` vs ``dcp.async_save``): how long the caller is
   blocked, against the synchronous save of the same system;
 * save and load through S3 (a local moto server; ``--s3-size-gib 0`` skips them).
@@ -62,6 +63,7 @@ COLS = 4096
 FSDP2_TP = "fsdp2+tp"  # the (dp=2, tp=2) layout; see _placements
 DISK_THREADS = 1  # matches `dd bs=16M oflag=direct` here (2 threads: the same within noise)
 MAPPED_NOTE_BYTES = 16 << 20  # notes say how much of a peak RSS is mapped file pages above this
+NOVERIFY = "ucp-noverify"  # torch_ucp loading with verify=False
 
 
 class Memory(NamedTuple):
@@ -162,6 +164,8 @@ def _writer(system: str, path: str, options: dict[str, Any]):
 def _reader(system: str, path: str, options: dict[str, Any]):
     if system == "ucp":
         return UCPReader(path, **options)
+    if system == NOVERIFY:
+        return UCPReader(path, verify=False, **options)
     if system.startswith("fsspec"):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
@@ -188,12 +192,12 @@ def load_rank(system: str, path: str, size_bytes: int, layout: str,
     state = _state(size_bytes, layout, fill=False)
     before, before_calls = _bytes_read(), _rchar()
     reader = _reader(system, path, options or {})
-    planner = UCPLoadPlanner() if system == "ucp" else None
+    planner = UCPLoadPlanner() if system in ("ucp", NOVERIFY) else None
     with PeakRSSIncrease() as rss:
         seconds = _timed(lambda: dcp.load(state, storage_reader=reader, planner=planner))
     read = _bytes_read() - before
     # requested: torch_ucp counts its range reads itself (memory-mapped copies bypass rchar)
-    requested = reader.stats.bytes_read if system == "ucp" else _rchar() - before_calls
+    requested = reader.stats.bytes_read if system in ("ucp", NOVERIFY) else _rchar() - before_calls
     needed = sum(t.to_local().numel() * 4 for t in state.values())
     ok = all(torch.equal(t.full_tensor(), _full(n, tuple(t.shape))) for n, t in state.items())
     return {"seconds": seconds, **_memory_fields(rss), "read": read, "requested": requested,
@@ -233,7 +237,14 @@ def _memory(results: list[dict[str, Any]]) -> Memory:
 
 
 def _label(system: str) -> str:
-    return "torch_ucp" if system == "ucp" else system
+    return {"ucp": "torch_ucp", NOVERIFY: "ucp noverif"}.get(system, system)
+
+
+def _verify_note(secs: dict[str, float], total: int) -> str:
+    """What verifying every delivered byte cost: the default load against ``verify=False``."""
+    cost = secs["ucp"] / secs[NOVERIFY] - 1
+    return (f"verify=True: {100 * cost:+.0f}% time vs verify=False "
+            f"({_gbps(total, secs['ucp']):.2f} vs {_gbps(total, secs[NOVERIFY]):.2f} GB/s)")
 
 
 def _disk_rows(directory: str, total: int) -> list[Row]:
@@ -263,36 +274,43 @@ def _save_rows(path: Callable[[str], str], size: int, total: int, ws: int,
 
 def _same_layout_load_rows(path: Callable[[str], str], size: int, total: int, ws: int) -> list[Row]:
     res = {}
-    for system in ("dcp", "dcp-4t", "ucp"):
-        src = "dcp" if system != "ucp" else "ucp"
+    systems = ("dcp", "dcp-4t", "ucp", NOVERIFY)
+    for system in systems:
+        src = "ucp" if system in ("ucp", NOVERIFY) else "dcp"
         drop_caches()
         res[system] = run_distributed(load_rank, ws, system, path(f"same-{src}"), size, "shard0")
         assert all(r["ok"] for r in res[system]), f"{system}: same-layout load mismatch"
     secs = {system: _worst(r, "seconds") for system, r in res.items()}
     return [Row("load same layout", _label(system), secs[system], _gbps(total, secs[system]),
-                secs["dcp"] / secs[system], _memory(res[system]))
-            for system in ("dcp", "dcp-4t", "ucp")]
+                secs["dcp"] / secs[system], _memory(res[system]),
+                _verify_note(secs, total) if system == "ucp" else "")
+            for system in systems]
 
 
 def _reshard_rows(label: str, path: Callable[[str], str], size: int, total: int,
-                  saved: tuple[str, int], loaded: tuple[str, int]) -> list[Row]:
-    """Save with ``saved = (layout, world size)``, load cold with ``loaded``; verified."""
+                  saved: tuple[str, int], loaded: tuple[str, int], noverify: bool = False) -> list[Row]:
+    """Save with ``saved = (layout, world size)``, load cold with ``loaded``; verified.
+    ``noverify``: torch_ucp also with ``verify=False``."""
     res = {}
     for system in ("dcp", "ucp"):
         run_distributed(save_rank, saved[1], system, path(f"{saved[0]}-{system}"), size, saved[0])
-    for system in ("dcp", "ucp"):
+    systems = ("dcp", "ucp", NOVERIFY) if noverify else ("dcp", "ucp")
+    for system in systems:
+        src = "dcp" if system == "dcp" else "ucp"
         drop_caches()
-        res[system] = run_distributed(load_rank, loaded[1], system, path(f"{saved[0]}-{system}"),
+        res[system] = run_distributed(load_rank, loaded[1], system, path(f"{saved[0]}-{src}"),
                                       size, loaded[0])
         assert all(r["ok"] for r in res[system]), f"{system}: {label} mismatch"
     rows = []
-    base = _worst(res["dcp"], "seconds")
-    for system in ("dcp", "ucp"):
+    secs = {system: _worst(r, "seconds") for system, r in res.items()}
+    for system in systems:
         r = res[system]
-        s, needed = _worst(r, "seconds"), sum(x["needed"] for x in r)
+        s, needed = secs[system], sum(x["needed"] for x in r)
         requested, read = sum(x["requested"] for x in r), sum(x["read"] for x in r)
-        rows.append(Row(label, _label(system), s, _gbps(total, s), base / s, _memory(r),
-                        f"requested/needed {requested / needed:.2f}, from disk {read / needed:.2f}"))
+        note = f"requested/needed {requested / needed:.2f}, from disk {read / needed:.2f}"
+        if system == "ucp" and noverify:
+            note += "; " + _verify_note(secs, total)
+        rows.append(Row(label, _label(system), s, _gbps(total, s), secs["dcp"] / s, _memory(r), note))
     return rows
 
 
@@ -382,7 +400,8 @@ def main() -> int:
     save_rows, save_s = _save_rows(path, size, total, ws, rows[0].gbps)
     rows += save_rows
     rows += _same_layout_load_rows(path, size, total, ws)
-    rows += _reshard_rows("load Shard(0)x4 -> Shard(1)x2", path, size, total, ("shard0", 4), ("shard1", 2))
+    rows += _reshard_rows("load Shard(0)x4 -> Shard(1)x2", path, size, total, ("shard0", 4), ("shard1", 2),
+                          noverify=True)
     rows += _reshard_rows("load FSDP2+TP 2x2 -> FSDP x2", path, size, total, (FSDP2_TP, 4), ("shard0", 2))
     rows += _async_rows(path, size, ws, save_s)
     if args.s3_size_gib > 0:

@@ -60,8 +60,9 @@ from torch.distributed.tensor.placement_types import Replicate, Shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_ucp.metadata.checksums import crc32c  # noqa: E402
-from torch_ucp.metadata.fragments import FragmentRows, checksum_counts, tensor_key  # noqa: E402
+from torch_ucp import knobs  # noqa: E402
+from torch_ucp.metadata.checksums import BlockGrid, crc32c  # noqa: E402
+from torch_ucp.metadata.fragments import FragmentRows, tensor_key  # noqa: E402
 from torch_ucp.metadata.index import encode_index  # noqa: E402
 from torch_ucp.metadata.placements import boxes_for  # noqa: E402
 from torch_ucp.metadata.schema import (  # noqa: E402
@@ -76,7 +77,7 @@ from torch_ucp.planner.plan_table import LocalPlanTable, LocalTableBuilder, Rank
 
 DIM, FFN, VOCAB, LAYERS, KV = 8192, 28672, 128256, 80, 1024
 TP_PLACEMENT = {"col": Shard(0), "row": Shard(1), "rep": Replicate()}
-BLOCK = 1 << 20
+BLOCK, WIDTH = knobs.checksum_block_bytes(), knobs.checksum_block_width()  # the writer's defaults
 
 
 def llama70b_params() -> dict[str, tuple[tuple[int, ...], str]]:
@@ -276,6 +277,8 @@ def write_indexes(work: str, save_id: str, tables: list[LocalPlanTable], keep: l
     catalog = tables[0].parse_catalog()
     names = [k[0] for k in catalog["keys"]]
     keys = np.array([tensor_key(n) for n in names], dtype=np.uint64)
+    ndims = np.array([len(k[3] or ()) for k in catalog["keys"]], dtype=np.int64)
+    itemsize = np.array([2 if k[2] == "bfloat16" else 4 for k in catalog["keys"]], dtype=np.int64)
     folder = os.path.join(work, "ckpt", f"data-{save_id}")
     os.makedirs(folder, exist_ok=True)
     results = []
@@ -285,8 +288,9 @@ def write_indexes(work: str, save_id: str, tables: list[LocalPlanTable], keep: l
     for r, (table, flags) in enumerate(zip(tables, keep)):
         t0 = time.perf_counter()
         t_key, t_off, t_len, t_bytes = table.arrays()
-        rows = _rank_rows(t_off[flags], t_len[flags], t_bytes[flags], save_id, r)
-        blob = encode_index(r, keys[t_key[flags]], rows, BLOCK)
+        k = t_key[flags]
+        rows = _rank_rows(t_off[flags], t_len[flags], t_bytes[flags], ndims[k], itemsize[k], save_id, r)
+        blob = encode_index(r, keys[k], rows, BLOCK, WIDTH)
         name = index_object_name(save_id, r)
         if r == 0:  # one rank's real path, fsync included
             store.write_object(name, blob)
@@ -302,11 +306,11 @@ def write_indexes(work: str, save_id: str, tables: list[LocalPlanTable], keep: l
     return {"index_bytes": total, "index_write_ms": one_rank_s * 1e3}
 
 
-def _rank_rows(offsets, lengths, nbytes, save_id: str, rank: int) -> FragmentRows:
+def _rank_rows(offsets, lengths, nbytes, ndims, itemsize, save_id: str, rank: int) -> FragmentRows:
     """The rows rank ``rank`` writes: its kept items, laid out in one data object."""
     n = len(nbytes)
     aligned = -(-nbytes // ITEM_ALIGNMENT) * ITEM_ALIGNMENT
-    counts = checksum_counts(nbytes, BLOCK)
+    counts = BlockGrid.counts(lengths, ndims, itemsize, BLOCK, WIDTH)
     return FragmentRows(
         tensor=np.zeros(n, dtype=np.int64),
         offsets=offsets.astype(np.int64),

@@ -186,15 +186,15 @@ def cli(tmp_path_factory, s3_server):
     out = str(base / "out")
     c.start("inspect_ucp", "inspect", ucp)
     c.start("inspect_ucp_json", "inspect", ucp, "--json", module=True)
-    c.start("inspect_stock", "inspect", stock)
-    c.start("inspect_stock_json", "inspect", "--json", stock, module=True)
+    c.start("inspect_stock", "inspect", stock, "--trust-pickle")  # a stock .metadata is a pickle
+    c.start("inspect_stock_json", "inspect", "--json", "--trust-pickle", stock, module=True)
     c.start("export", "export", ucp, f"{out}/hf")
     c.start(
         "export_sharded", "export", ucp, f"{out}/sharded", "--max-shard-size", "200B",
         "--dtype", "bfloat16", "-q",
     )
     c.start("export_torch", "export", ucp, f"{out}/full.pt", "--format", "torch", module=True)
-    c.start("convert", "convert", stock, f"{out}/converted")
+    c.start("convert", "convert", stock, f"{out}/converted", "--trust-pickle")
     c.start("verify", "verify", f"{out}/converted", after="convert")
     c.start("bad_missing", "inspect", str(base / "missing"))
     c.start("bad_not_checkpoint", "export", str(base / "notes"), f"{out}/never")

@@ -83,8 +83,7 @@ def base(tmp_path_factory) -> str:
         # one data object per item (threads >= items), so each corruption hits one tensor
         dcp.save(_state(), storage_writer=UCPWriter(path, threads=16), planner=UCPSavePlanner(),
                  no_dist=True)
-    assert spec.read_header(path)["checksum"]["block_bytes"] == MiB
-    assert len(_stored(path, "model.big_w")["checksums"]) == 3
+    assert len(_stored(path, "model.big_w")["checksums"]) >= 3  # several checksum blocks
     # the corrupted large tensors each own their data object, so the first error is theirs
     ckpt = open_checkpoint(path)
     objects = {fqn: _stored(path, fqn)["object"] for fqn in ckpt.keys()}
@@ -351,16 +350,20 @@ def test_verify_false_loads_the_flipped_byte(damaged):
 @pytest.mark.parametrize(
     "damaged", [c for c in CASES if c.name == "flip-f32-middle"], ids=["flip"], indirect=True
 )
-def test_verify_full_catches_flip_in_a_partial_read(damaged):
+def test_default_verify_catches_flip_in_a_partial_read(damaged):
     path, case, damage = damaged
     stored = _stored(path, case.fqn)
     row = (damage.byte - stored["byte_offset"]) // 4 // 1000
+    col = (damage.byte - stored["byte_offset"]) // 4 % 1000
     saved = _model()["big_w"]
     # a row far from the flipped one reads correctly
-    assert torch.equal(open_checkpoint(path, verify="full").read(case.fqn, 0), saved[0])
+    assert torch.equal(open_checkpoint(path).read(case.fqn, 0), saved[0])
     with pytest.raises(CorruptCheckpointError, match="checksum mismatch") as e:
-        open_checkpoint(path, verify="full").read(case.fqn, (slice(row, row + 1),))
+        open_checkpoint(path).read(case.fqn, (slice(row, row + 1),))
     _check_range(str(e.value), damage)
+    # ... also when only a few columns of that row are read
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        open_checkpoint(path).read(case.fqn, (slice(row, row + 1), slice(col, col + 1)))
 
 
 @pytest.mark.parametrize("damaged", CASES, ids=IDS, indirect=True)

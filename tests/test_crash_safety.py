@@ -41,12 +41,12 @@ class _CrashingWriter(UCPWriter):
     def _crash_here(self, point: str) -> bool:
         return self.point == point and dist.get_rank() == self.victim
 
-    def _write_object(self, rel, items, planner, rank):
+    def _write_object(self, rel, items, planner):
         if self._crash_here("during-write"):
             half = items[: max(1, len(items) // 2)]
-            super()._write_object(rel, half, planner, rank)  # some bytes reach the disk
+            super()._write_object(rel, half, planner)  # some bytes reach the disk
             _die()
-        return super()._write_object(rel, items, planner, rank)
+        return super()._write_object(rel, items, planner)
 
     def write_data(self, plan, planner):
         fut = super().write_data(plan, planner)
@@ -72,7 +72,7 @@ def _assert_holds(url: str, version: int | None) -> None:
         with pytest.raises(CheckpointNotFoundError):
             open_checkpoint(url)
         return
-    ckpt = open_checkpoint(url, verify="full")
+    ckpt = open_checkpoint(url, verify=True)
     for key, expected in _full(version).items():
         assert torch.equal(ckpt.read(key), expected), key
 
@@ -113,7 +113,7 @@ def test_crash_on_s3_keeps_previous_checkpoint(s3_bucket):
     run_distributed(_save_s3, 2, url, options, 1, None, 0)
     with pytest.raises(RankFailedError):
         run_distributed(_save_s3, 2, url, options, 2, "during-write", 1)
-    ckpt = open_checkpoint(url, verify="full", **options)
+    ckpt = open_checkpoint(url, verify=True, **options)
     for key, expected in _full(1).items():
         assert torch.equal(ckpt.read(key), expected), key
     run_distributed(_save_s3, 2, url, options, 3, None, 0)

@@ -138,6 +138,7 @@ def test_header_is_self_checksummed_json_not_pickle(ckpt):
     assert (d["format"], d["version"]) == ("torch_ucp", FORMAT_VERSION) == ("torch_ucp", 2)
     assert set(d["tensors"]) == set(_tensors())
     assert d["tensors"]["f32"] == {"dtype": "float32", "shape": [37, 29], "fragments": 1, "writers": [0]}
+    assert d["checksum"] == {"algorithm": "crc32c", "block_bytes": 65536, "block_width": 2048}
     with pytest.raises(pickle.UnpicklingError):
         pickle.loads(raw)
 
@@ -155,7 +156,9 @@ def test_independent_reader_agrees_with_torch_ucp(ckpt):
             with open(os.path.join(ckpt, frag["object"]), "rb") as f:
                 f.seek(frag["byte_offset"])
                 data = f.read(frag["byte_length"])
-            assert frag["checksums"] == [crc32c.crc32c(data[i : i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+            header = spec.read_header(ckpt)
+            itemsize = _tensors()[fqn].element_size()
+            assert frag["checksums"] == spec.block_checksums(data, frag["lengths"], itemsize, header)
             assert frag["byte_offset"] % 64 == 0
 
 
@@ -165,7 +168,8 @@ def test_checkpoint_folder_layout(ckpt):
     save_id = spec.read_header(ckpt)["save_id"]
     assert sorted(os.listdir(ckpt)) == [".metadata", f"data-{save_id}"]
     data = sorted(os.listdir(os.path.join(ckpt, f"data-{save_id}")))
-    assert "00000.idx" in data and all(re.fullmatch(r"00000(-\d+\.bin|\.idx)", n) for n in data), data
+    assert "00000.idx" in data and ".torch_ucp_save" in data, data  # index, save marker
+    assert all(re.fullmatch(r"00000(-\d+\.bin|\.idx)|\.torch_ucp_save", n) for n in data), data
 
 
 @pytest.mark.parametrize("fqn", ["f32", "bf16", "i64", "mask", "f32_t", "scalar"])

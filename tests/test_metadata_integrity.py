@@ -279,7 +279,7 @@ def test_malformed_json_is_one_named_error(ckpt, payload, expected):
 
 def test_oversized_header_is_refused_before_parsing(ckpt, monkeypatch):
     monkeypatch.setenv("TORCH_UCP_MAX_METADATA_BYTES", "1000")
-    with pytest.raises(UnsupportedFormatError, match="more than the 1000 allowed") as e:
+    with pytest.raises(CorruptCheckpointError, match="more than the 1000 allowed") as e:
         open_checkpoint(ckpt)
     assert "TORCH_UCP_MAX_METADATA_BYTES" in str(e.value)
 

@@ -80,7 +80,7 @@ def _save(tensors, mesh: MeshInfo, rotate_min_bytes: int) -> FragmentCatalog:
             checksum_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             checksums=np.zeros(int(counts.sum()), dtype=np.uint32), rank=np.full(len(mine), rank, dtype=np.int32),
         )
-        blob = encode_index(rank, key_of[key_index[mine]], rows, BLOCK)
+        blob = encode_index(rank, key_of[key_index[mine]], rows, BLOCK, None)
         name = f"data-x/{rank:05d}.idx"
         blobs[name] = blob
         refs.append(IndexRef(rank, name, len(blob), crc32c(blob), len(mine)))

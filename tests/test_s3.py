@@ -76,7 +76,7 @@ def test_faults_are_retried(s3_server, monkeypatch):
         results = run_distributed(_save_and_load_through, 2, f"s3://{bucket}/faulty", options)
         assert results == [[], []]
         # and a plain process reads it back through the faults, verifying every block
-        ckpt = open_checkpoint(f"s3://{bucket}/faulty", verify="full", **options)
+        ckpt = open_checkpoint(f"s3://{bucket}/faulty", verify=True, **options)
         assert torch.equal(ckpt.read("w_odd"), reference("w_odd"))
         assert proxy.failed > 0, proxy.stats()
     assert verify_checkpoint(f"s3://{bucket}/faulty", **s3_server.storage_options()).ok

@@ -3,6 +3,7 @@ bit-exact into any layout, and ``torch-ucp convert`` upgrades them to version 2.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from tests.support.matrix import load_layouts
 from torch_ucp import UCPLoadPlanner, UCPReader, open_checkpoint
@@ -83,7 +85,10 @@ def test_version1_adamw_state_loads(tmp_path):
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(target, storage_reader=UCPReader(path), planner=UCPLoadPlanner(), no_dist=True)
+        # version 1 stored the betas tuple with torch.save: refused unless trusted, naming it
+        with pytest.raises(CheckpointException, match=r"betas.*allow_pickle=True"):
+            dcp.load(copy.deepcopy(target), storage_reader=UCPReader(path), planner=UCPLoadPlanner(), no_dist=True)
+        dcp.load(target, storage_reader=UCPReader(path, allow_pickle=True), planner=UCPLoadPlanner(), no_dist=True)
     for k, v in ref["model"].items():
         assert torch.equal(target["model"][k], v), k
     for k, s in ref["optim"]["state"].items():

@@ -12,7 +12,7 @@ from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
 from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
 from torch_ucp.planner.boxes import intersect
 from torch_ucp.storage.reader import open_catalog, read_object
-from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
+from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store
 
 Index = int | slice | Sequence[int | slice] | None
@@ -57,16 +57,25 @@ class Checkpoint:
     bytes of the requested region only. ``stats`` accumulates bytes read and needed.
     """
 
-    def __init__(self, store: Store, catalog: FragmentCatalog, *, verify: bool | str = True):
+    def __init__(
+        self,
+        store: Store,
+        catalog: FragmentCatalog,
+        *,
+        verify: bool | str = True,
+        allow_pickle: bool = False,
+    ):
         self.store = store
         self.catalog = catalog
-        self.verify = verify
+        self.verify = normalize_verify(verify)
+        self.allow_pickle = bool(allow_pickle)
         self.stats = ReadStats()
         self._reader = FragmentReader(
             store,
-            verify=verify,
+            verify=self.verify,
             checksum_algorithm=catalog.meta.checksum_algorithm,
             block_bytes=catalog.meta.checksum_block_bytes,
+            block_width=catalog.meta.checksum_block_width,
         )
 
     @property
@@ -119,7 +128,10 @@ class Checkpoint:
         if fqn in self.metadata.values:
             if index is not None:
                 raise IndexError(f"{fqn!r} is a non-tensor value and cannot be sliced")
-            return read_object(self.store, self.metadata.values[fqn], self.metadata, bool(self.verify))
+            return read_object(
+                self.store, self.metadata.values[fqn], self.metadata, self.verify,
+                allow_pickle=self.allow_pickle,
+            )
         entry = self.tensor_entry(fqn)
         offsets, lengths, squeeze = _normalize_index(index, entry.shape, fqn)
         if out is None:
@@ -164,9 +176,18 @@ class Checkpoint:
 
 
 def open_checkpoint(
-    url: str | os.PathLike, *, verify: bool | str = True, **storage_options: Any
+    url: str | os.PathLike,
+    *,
+    verify: bool | str = True,
+    allow_pickle: bool = False,
+    follow_symlinks: bool = False,
+    **storage_options: Any,
 ) -> Checkpoint:
     """Open a committed torch_ucp checkpoint for reading, with no process group.
+
+    ``verify``, ``allow_pickle`` and ``follow_symlinks`` are those of
+    :class:`~torch_ucp.UCPReader`: every byte read is verified, values stored with pickle are
+    refused and symbolic links are not followed, unless told otherwise.
 
     Example::
 
@@ -174,5 +195,5 @@ def open_checkpoint(
         ckpt.keys(); ckpt.shape("model.tok_embeddings.weight")
         rows = ckpt.read("model.tok_embeddings.weight", (slice(0, 16),))
     """
-    store = Store(url, storage_options)
-    return Checkpoint(store, open_catalog(store), verify=verify)
+    store = Store(url, storage_options, follow_symlinks=follow_symlinks)
+    return Checkpoint(store, open_catalog(store), verify=verify, allow_pickle=allow_pickle)

@@ -25,3 +25,13 @@ class LoadPlanError(CheckpointError, ValueError):
 
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """A committed checkpoint already lives at the URL and ``overwrite`` was not set."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Reading or writing this needs an explicit opt-in: a value stored with pickle
+    (``allow_pickle=True``) or a data object that is a symbolic link (``follow_symlinks=True``)."""
+
+
+class CommitConflictError(CheckpointError):
+    """Another save committed at the URL while this one ran (or removed its data): nothing of
+    this save was committed, and its own data was removed."""

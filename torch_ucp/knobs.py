@@ -43,8 +43,17 @@ def read_threads() -> int:
 
 
 def checksum_block_bytes() -> int:
-    """Granularity of fragment checksums (one crc32 per block of a fragment's bytes)."""
-    return _env_int("CHECKSUM_BLOCK_BYTES", 1 << 20)
+    """Bytes per checksum block of a fragment (one crc32c each; values and 1-D fragments use flat
+    blocks of this size). Blocks are ``block_width`` bytes of ``block_bytes // block_width`` rows,
+    so a row or column range of a fragment is verified reading little more than itself."""
+    return _env_int("CHECKSUM_BLOCK_BYTES", 64 << 10)
+
+
+def checksum_block_width() -> int:
+    """Bytes of one row per checksum block (rows narrower than this are whole in a block). A
+    column range of a fragment widens to multiples of it: 2 KiB keeps a ``Shard(0) -> Shard(1)``
+    reshard of 1024 float32 columns exact, and crc32c still runs at several GB/s on 2 KiB."""
+    return _env_int("CHECKSUM_BLOCK_WIDTH", 2 << 10)
 
 
 def read_waste_ratio() -> float:
@@ -106,3 +115,9 @@ def max_metadata_bytes() -> int:
     """Largest ``.metadata`` header torch_ucp parses (checked before reading it whole): a
     bound on memory for damaged or hostile checkpoints. 256 MiB holds ~2M tensors."""
     return _env_int("MAX_METADATA_BYTES", 256 << 20)
+
+
+def commit_lock_timeout() -> float:
+    """Local/NFS: seconds a commit waits for the commit lock another save holds (held for the
+    few milliseconds of a compare-and-rename) before failing."""
+    return _env_float("COMMIT_LOCK_TIMEOUT", 60.0)

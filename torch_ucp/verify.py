@@ -13,9 +13,10 @@ import torch
 from torch_ucp.errors import CheckpointError
 from torch_ucp.metadata.catalog import FragmentCatalog
 from torch_ucp.metadata.tiling import tiling_problem
-from torch_ucp.storage.reader import open_catalog, read_object
+from torch_ucp.storage.reader import open_catalog, read_value_bytes
 from torch_ucp.storage.reading import BoxRead, FragmentReader
 from torch_ucp.storage.store import Store
+from torch_ucp.storage.values import TORCH_SAVE, decode_value
 
 _BATCH_BYTES = 256 << 20  # bound on host memory while verifying
 
@@ -92,9 +93,10 @@ def verify_checkpoint(
             )
     reader = FragmentReader(
         store,
-        verify="full",
+        verify=True,
         checksum_algorithm=meta.checksum_algorithm,
         block_bytes=meta.checksum_block_bytes,
+        block_width=meta.checksum_block_width,
     )
     batch: list[BoxRead] = []
     batch_bytes = 0
@@ -143,7 +145,9 @@ def verify_checkpoint(
         if entry.data.object not in sizes:
             continue
         try:
-            read_object(store, entry, meta, verify=True)
+            data = read_value_bytes(store, entry, meta, verify=True)
+            if entry.encoding != TORCH_SAVE:  # well-formed too; a pickle is never run here
+                decode_value(entry.encoding, data, entry.fqn)
             report.bytes_checked += entry.data.byte_length
         except Exception as e:  # noqa: BLE001 - decoding errors are problems too
             report.problems.append(f"value {entry.fqn!r}: {e}")

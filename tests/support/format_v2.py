@@ -53,18 +53,19 @@ def read_index(path: str, header: dict, rank: int) -> dict:
     i = header["indexes"]["ranks"].index(rank)
     assert len(raw) == header["indexes"]["bytes"][i]
     assert crc32c.crc32c(raw) == header["indexes"]["crc32c"][i]
-    magic, version, writer, n, ndim, width, c, block, m, reserved = HEAD.unpack_from(raw)
-    assert (magic, version, writer, reserved) == (b"UCPFIDX\x00", 2, rank, 0)
+    magic, version, writer, n, ndim, width, c, block, m, block_width = HEAD.unpack_from(raw)
+    assert (magic, version, writer) == (b"UCPFIDX\x00", 2, rank)
     assert block == header["checksum"]["block_bytes"] and n == header["indexes"]["rows"][i]
+    assert block_width == (header["checksum"].get("block_width") or 0)
     pos = HEAD.size
     names = json.loads(raw[pos : pos + m])
     pos += m + (-m % 8)
-    out = {"rank": writer, "names": names, "ndim": ndim, "width": width, "block": block}
+    out = {"rank": writer, "names": names, "ndim": ndim, "width": width, "block": block, "block_width": block_width}
     coord = "<u8" if width == 8 else "<u4"
     for field, dtype, count in [
         ("tensor_key", "<u8", n), ("object", "<u4", n), ("byte_offset", "<u8", n),
-        ("byte_length", "<u8", n), ("offsets", coord, n * ndim), ("lengths", coord, n * ndim),
-        ("checksums", "<u4", c),
+        ("byte_length", "<u8", n), ("checksum_count", "<u4", n), ("offsets", coord, n * ndim),
+        ("lengths", coord, n * ndim), ("checksums", "<u4", c),
     ]:
         size = np.dtype(dtype).itemsize * count
         out[field] = np.frombuffer(raw, dtype=dtype, count=count, offset=pos).copy()
@@ -82,11 +83,11 @@ def write_index(path: str, header: dict, index: dict) -> None:
     names = json.dumps(index["names"], separators=(",", ":")).encode()
     coord = "<u8" if index["width"] == 8 else "<u4"
     head = HEAD.pack(b"UCPFIDX\x00", 2, index["rank"], n, index["ndim"], index["width"],
-                     len(index["checksums"]), index["block"], len(names), 0)
+                     len(index["checksums"]), index["block"], len(names), index["block_width"])
     parts = [head, names, bytes(-len(names) % 8)]
     for field, dtype in [("tensor_key", "<u8"), ("object", "<u4"), ("byte_offset", "<u8"),
-                         ("byte_length", "<u8"), ("offsets", coord), ("lengths", coord),
-                         ("checksums", "<u4")]:
+                         ("byte_length", "<u8"), ("checksum_count", "<u4"), ("offsets", coord),
+                         ("lengths", coord), ("checksums", "<u4")]:
         raw = np.ascontiguousarray(index[field], dtype=dtype).tobytes()
         parts += [raw, bytes(-len(raw) % 8)]
     blob = b"".join(parts)
@@ -100,8 +101,7 @@ def write_index(path: str, header: dict, index: dict) -> None:
 
 def checksum_slices(index: dict) -> list[slice]:
     """Where each row's block checksums are in ``index["checksums"]``."""
-    counts = -(-index["byte_length"].astype(np.int64) // index["block"])
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    starts = np.concatenate([[0], np.cumsum(index["checksum_count"].astype(np.int64))])
     return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
@@ -112,7 +112,31 @@ def drop_row(index: dict, row: int) -> dict:
     spans = checksum_slices(index)
     sums = np.concatenate([index["checksums"][s] for i, s in enumerate(spans) if keep[i]] or [np.zeros(0, "<u4")])
     out = dict(index)
-    for field in ("tensor_key", "object", "byte_offset", "byte_length", "offsets", "lengths"):
+    for field in ("tensor_key", "object", "byte_offset", "byte_length", "checksum_count", "offsets", "lengths"):
         out[field] = index[field][keep]
     out["checksums"] = sums
+    return out
+
+
+def block_checksums(data: bytes, lengths: list[int], itemsize: int, header: dict) -> list[int]:
+    """The block checksums of a fragment's bytes, as FORMAT.md "Checksum block layout" says."""
+    block, width = header["checksum"]["block_bytes"], header["checksum"].get("block_width")
+    if not data:
+        return []
+    if width is None or len(lengths) < 2:  # flat blocks
+        return [crc32c.crc32c(data[i : i + block]) for i in range(0, len(data), block)]
+    row_bytes = lengths[-1] * itemsize
+    rows = lengths[-2]
+    mats = len(data) // (row_bytes * rows)
+    w = min(row_bytes, width)
+    h = max(1, block // w)
+    out = []
+    for m in range(mats):
+        for i in range(0, rows, h):
+            for j in range(0, row_bytes, w):
+                piece = b"".join(
+                    data[(m * rows + r) * row_bytes + j : (m * rows + r) * row_bytes + min(j + w, row_bytes)]
+                    for r in range(i, min(i + h, rows))
+                )
+                out.append(crc32c.crc32c(piece))
     return out

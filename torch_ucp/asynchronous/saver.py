@@ -559,7 +559,7 @@ def async_save(
             cores: measured as training time lost per save, it did not beat the default
             (docs/PERFORMANCE.md, ``benchmarks/async_save_bench.py``).
         **storage_options: passed to :class:`torch_ucp.UCPWriter` with a URL
-            (``endpoint_url=``, ``key=`` ...).
+            (``endpoint_url=``, ``key=`` ..., and its own options such as ``allow_pickle=True``).
 
     Returns:
         An :class:`AsyncSaveHandle`: ``result()`` waits and re-raises a failure.

@@ -29,6 +29,18 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-pickle``: the opt-in to unpickle what a checkpoint holds (stock DCP metadata,
+    values stored with torch.save), which runs any code the checkpoint names."""
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle what the checkpoint stores as pickle: a stock DCP .metadata and values "
+        "saved with torch.save. Unpickling runs any code the file names: only for checkpoints "
+        "you trust (torch_ucp checkpoints of plain values never need it)",
+    )
+
+
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for item in args.storage_option:

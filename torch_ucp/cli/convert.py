@@ -24,7 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from torch_ucp.cli.common import CommandError, add_storage_arguments, progress, storage_options
+from torch_ucp.cli.common import (
+    CommandError,
+    add_storage_arguments,
+    add_trust_argument,
+    progress,
+    storage_options,
+)
 from torch_ucp.cli.inspect import human_bytes, plural
 from torch_ucp.errors import CheckpointError, CheckpointExistsError
 from torch_ucp.interop.sources import open_source, select_keys
@@ -46,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="convert only keys matching any of these shell patterns (give it after SRC DST)",
     )
+    add_trust_argument(parser)
     add_storage_arguments(parser)
 
 
@@ -59,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     options = storage_options(args)
     if _same(args.src, args.dst):
         raise CommandError("SRC and DST are the same; convert into a new folder")
-    source = open_source(args.src, options)
+    source = open_source(args.src, options, trust_pickle=args.trust_pickle)
     keys = select_keys(source.keys(), args.keys)
     if not keys:
         raise CommandError(f"no key of {args.src} matches --keys {' '.join(args.keys or [])}")
@@ -68,7 +75,10 @@ def main(args: argparse.Namespace) -> int:
     total = sum(source.tensors[k].nbytes for k in tensors)
     try:
         try:
-            builder = CheckpointBuilder(args.dst, overwrite=args.overwrite, **options)
+            # values unpickled with --trust-pickle that have no pickle-free encoding stay pickled
+            builder = CheckpointBuilder(
+                args.dst, overwrite=args.overwrite, allow_pickle=args.trust_pickle, **options
+            )
         except CheckpointExistsError:
             raise CheckpointExistsError(
                 f"{args.dst} already holds a committed checkpoint; pass --overwrite to replace it"

@@ -37,7 +37,13 @@ from typing import Any
 
 import torch
 
-from torch_ucp.cli.common import CommandError, add_storage_arguments, progress, storage_options
+from torch_ucp.cli.common import (
+    CommandError,
+    add_storage_arguments,
+    add_trust_argument,
+    progress,
+    storage_options,
+)
 from torch_ucp.cli.inspect import human_bytes, plural
 from torch_ucp.errors import CheckpointError
 from torch_ucp.interop.sources import CheckpointSource, open_source, select_keys
@@ -131,6 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace existing output files (stale shards of an earlier export are removed)",
     )
+    add_trust_argument(parser)
     add_storage_arguments(parser)
 
 
@@ -391,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size else None
     if max_shard is not None and args.format != "safetensors":
         raise CommandError("--max-shard-size applies to --format safetensors only")
-    source = open_source(args.url, options)
+    source = open_source(args.url, options, trust_pickle=args.trust_pickle)
     items, values = plan_export(
         source, args.keys, args.strip_prefix, DTYPES[args.dtype] if args.dtype else None
     )

@@ -3,8 +3,8 @@ pieces and saved layout, and the checkpoint's totals, without reading any tensor
 
 Reads torch_ucp checkpoints (JSON .metadata: fragments per tensor, the mesh and placements
 each tensor was saved from), stock DCP checkpoints (pickled .metadata: chunks per tensor;
-the layout too when saved with UCPSavePlanner; note that reading a stock .metadata
-unpickles it), DeepSpeed universal checkpoints and safetensors weights.
+the layout too when saved with UCPSavePlanner; a stock .metadata is a pickle, read only with
+--trust-pickle), DeepSpeed universal checkpoints and safetensors weights.
 
 Examples:
   torch-ucp inspect ./step-100
@@ -19,7 +19,7 @@ import json
 import time
 from typing import Any
 
-from torch_ucp.cli.common import add_storage_arguments, storage_options
+from torch_ucp.cli.common import add_storage_arguments, add_trust_argument, storage_options
 from torch_ucp.interop.sources import CheckpointSource, TensorInfo, open_source, select_keys
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.fields import placement_to_json
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="show only keys matching any of these shell patterns, e.g. --keys 'model.*' "
         "'optim.state.model.output.*' (give it after URL; totals then count the shown keys)",
     )
+    add_trust_argument(parser)
     add_storage_arguments(parser)
 
 
@@ -175,7 +176,7 @@ def render_text(source: CheckpointSource, info: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    source = open_source(args.url, storage_options(args))
+    source = open_source(args.url, storage_options(args), trust_pickle=args.trust_pickle)
     info = describe(source, args.keys)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -6,7 +6,8 @@
   :func:`torch_ucp.open_checkpoint` (checksums verified, only the needed bytes read);
 - ``dcp``: a stock ``torch.distributed.checkpoint`` folder (``.metadata`` is a pickle), read with
   DCP's ``FileSystemReader`` (local) or ``FsspecReader`` (other URLs). Reading it unpickles its
-  ``.metadata``, as stock DCP does: open only checkpoints you trust;
+  ``.metadata``, as stock DCP does, so it is opened only with ``trust_pickle=True``
+  (``--trust-pickle``); its values load with ``weights_only=True`` unless trusted;
 - ``deepspeed_universal``: a ``ds_to_universal`` output folder (``zero/``) or the folder holding
   ``latest_universal``, read with :class:`~torch_ucp.interop.DeepSpeedUniversalReader`;
 - ``safetensors``: Hugging Face weights (a ``.safetensors`` file, or a folder with
@@ -47,6 +48,7 @@ from torch_ucp.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    UnsafeCheckpointError,
     UnsupportedFormatError,
 )
 from torch_ucp.metadata.fields import Fields
@@ -259,10 +261,11 @@ class ReaderSource(CheckpointSource):
     pieces_name = "chunks"
     value_encoding: str | None = None
 
-    def __init__(self, reader: StorageReader, url: str, fmt: str) -> None:
+    def __init__(self, reader: StorageReader, url: str, fmt: str, *, trust_pickle: bool = False) -> None:
         super().__init__(url)
         self.format = fmt
         self.reader = reader
+        self.trust_pickle = trust_pickle
         with _errors(f"cannot read the {fmt} checkpoint metadata of {url}", UnsupportedFormatError):
             self.dcp_metadata: Metadata = reader.read_metadata()
             reader.set_up_storage_reader(self.dcp_metadata, True)
@@ -296,7 +299,7 @@ class ReaderSource(CheckpointSource):
         return None
 
     def _load(self, state: dict[str, Any]) -> None:
-        planner = UCPLoadPlanner(allow_partial_load=True)
+        planner = UCPLoadPlanner(allow_partial_load=True, allow_pickle=self.trust_pickle)
         planner.set_up_planner(state, self.dcp_metadata, True)
         plan = self.reader.prepare_local_plan(planner.create_local_plan())
         plans = self.reader.prepare_global_plan(planner.create_global_plan([plan]))
@@ -327,8 +330,8 @@ class DCPSource(ReaderSource):
 
     value_encoding = "torch_save"  # stock DCP stores every non-tensor value with torch.save
 
-    def __init__(self, reader: StorageReader, url: str) -> None:
-        super().__init__(reader, url, FORMAT_DCP)
+    def __init__(self, reader: StorageReader, url: str, *, trust_pickle: bool = False) -> None:
+        super().__init__(reader, url, FORMAT_DCP, trust_pickle=trust_pickle)
 
     def _storage_files(self) -> dict[Any, str]:
         storage = self.dcp_metadata.storage_data
@@ -410,10 +413,13 @@ def open_source(
     *,
     format: str | None = None,
     verify: bool | str = True,
+    trust_pickle: bool = False,
 ) -> CheckpointSource:
     """Open the checkpoint at ``url`` for reading, detecting its format unless ``format``.
 
     ``verify`` applies to torch_ucp checkpoints (checksums, as in :func:`open_checkpoint`).
+    ``trust_pickle`` allows unpickling: a stock DCP ``.metadata`` (refused otherwise, with
+    :class:`~torch_ucp.errors.UnsafeCheckpointError`) and values stored with ``torch.save``.
     """
     url = os.fspath(url)
     options = dict(storage_options or {})
@@ -422,8 +428,15 @@ def open_source(
         store = Store(url, options)
         with _errors(f"cannot read {store.describe(METADATA_FILE)}"):
             catalog = open_catalog(store)
-        return UCPSource(Checkpoint(store, catalog, verify=verify))
+        return UCPSource(Checkpoint(store, catalog, verify=verify, allow_pickle=trust_pickle))
     if fmt == FORMAT_DCP:
+        if not trust_pickle:
+            raise UnsafeCheckpointError(
+                f"{url} is a stock torch.distributed.checkpoint checkpoint: its {METADATA_FILE} "
+                "is a pickle, and reading it runs any code the file names. Only if you trust "
+                "it, pass --trust-pickle (trust_pickle=True); torch-ucp convert --trust-pickle "
+                "turns it into a torch_ucp checkpoint that never needs it"
+            )
         if _is_remote(url):
             from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
@@ -432,7 +445,7 @@ def open_source(
             from torch.distributed.checkpoint import FileSystemReader
 
             reader = FileSystemReader(url)
-        return DCPSource(reader, url)
+        return DCPSource(reader, url, trust_pickle=True)
     if fmt == FORMAT_DEEPSPEED:
         from torch_ucp.interop.deepspeed import DeepSpeedUniversalReader
 

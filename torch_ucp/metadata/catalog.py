@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from torch_ucp.errors import CorruptCheckpointError
-from torch_ucp.metadata.checksums import crc32c
+from torch_ucp.metadata.checksums import BlockGrid, crc32c
 from torch_ucp.metadata.fragments import FragmentRows, tensor_key
 from torch_ucp.metadata.index import decode_index
 from torch_ucp.metadata.routing import box_writers
@@ -157,11 +157,16 @@ class FragmentCatalog:
                     f"fragment index {where} is corrupt: crc32c {got:08x}, the header says "
                     f"{ref.crc32c:08x} (edited or damaged; nothing was loaded)"
                 )
-            rank, keys, rows = decode_index(blob, where)
+            rank, keys, rows, blocks = decode_index(blob, where)
             if rank != ref.rank or len(rows) != ref.rows:
                 raise CorruptCheckpointError(
                     f"fragment index {where} is of rank {rank} with {len(rows)} rows, the header "
                     f"says rank {ref.rank} with {ref.rows}"
+                )
+            if blocks != (self.meta.checksum_block_bytes, self.meta.checksum_block_width):
+                raise CorruptCheckpointError(
+                    f"fragment index {where} has checksum blocks {blocks}, the header says "
+                    f"{(self.meta.checksum_block_bytes, self.meta.checksum_block_width)}"
                 )
             rows.tensor = self._tensor_ids(keys, where)
             self._check_rows(rows, where)
@@ -197,6 +202,12 @@ class FragmentCatalog:
         bad |= ~inside & ((off != 0) | (lens != 1))
         numel = np.prod(np.where(inside, lens, 1), axis=1)
         wrong_bytes = rows.byte_length != numel * self._itemsize[t]
+        if self.meta.version >= 2:  # version 1 listed its checksums explicitly, in flat blocks
+            counts = BlockGrid.counts(
+                np.where(inside, lens, 1), ndim, self._itemsize[t],
+                self.meta.checksum_block_bytes, self.meta.checksum_block_width,
+            )
+            wrong_bytes |= np.diff(rows.checksum_start) != counts
         problem = np.flatnonzero(bad.any(axis=1) | wrong_bytes)
         if len(problem):
             i = int(problem[0])
@@ -204,8 +215,8 @@ class FragmentCatalog:
             o, n = rows.box(i, len(e.shape))
             raise CorruptCheckpointError(
                 f"{where}: fragment of {e.fqn!r} at offsets {list(o)} lengths {list(n)} with "
-                f"{int(rows.byte_length[i])} bytes does not fit the tensor ({e.dtype}, shape "
-                f"{list(e.shape)})"
+                f"{int(rows.byte_length[i])} bytes and {int(rows.checksum_start[i + 1] - rows.checksum_start[i])} "
+                f"checksums does not fit the tensor ({e.dtype}, shape {list(e.shape)})"
             )
 
     # -- queries -------------------------------------------------------------------------------

@@ -65,7 +65,11 @@ def encode_header(meta: CheckpointMetadata) -> bytes:
         "world_size": meta.world_size,
         "torch_version": meta.torch_version,
         "created": meta.created,
-        "checksum": {"algorithm": meta.checksum_algorithm, "block_bytes": meta.checksum_block_bytes},
+        "checksum": {
+            "algorithm": meta.checksum_algorithm,
+            "block_bytes": meta.checksum_block_bytes,
+            "block_width": meta.checksum_block_width,
+        },
         "routing": {"rotate_min_bytes": meta.rotate_min_bytes},
         "meshes": [mesh_to_json(m) for m in meta.meshes],
         "patterns": meta.patterns,
@@ -136,8 +140,9 @@ def _check_own_checksum(data: bytes, source: str) -> None:
 def _from_v2(d: dict[str, Any], f: Fields) -> CheckpointMetadata:
     checksum = f.get(d, "checksum", "checksum", dict)
     block = f.count(checksum, "block_bytes", "checksum")
-    if block == 0:
-        raise f.fail("checksum", "block_bytes must be positive")
+    width = f.count(checksum, "block_width", "checksum", optional=True)
+    if block == 0 or width == 0:
+        raise f.fail("checksum", "block_bytes and block_width must be positive")
     save_id = f.get(d, "save_id", "save_id", str)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", save_id):
         raise f.fail("save_id", f"{save_id!r:.80} is not a save id")
@@ -191,6 +196,7 @@ def _from_v2(d: dict[str, Any], f: Fields) -> CheckpointMetadata:
         flatten_mapping=f.flatten_mapping(f.get(d, "flatten_mapping", "flatten_mapping", dict)),
         checksum_algorithm=f.get(checksum, "algorithm", "checksum", str),
         checksum_block_bytes=block,
+        checksum_block_width=width,
         patterns=patterns,
         rotate_min_bytes=f.count(routing, "rotate_min_bytes", "routing"),
         indexes=indexes,

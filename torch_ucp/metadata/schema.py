@@ -245,6 +245,8 @@ class CheckpointMetadata:
         meshes: the DeviceMeshes referenced by tensor entries.
         flatten_mapping: flattened FQN -> path in the nested state dict (DCP's mapping).
         checksum_algorithm / checksum_block_bytes: how data checksums were computed.
+        checksum_block_width: block width along a row (:class:`~torch_ucp.metadata.checksums.
+            BlockGrid`); ``None`` in version-1 checkpoints, whose blocks are flat.
         patterns: layout rules recorded at save time (see docs/PATTERNS.md).
         rotate_min_bytes: threshold of the replicated-writer rule (:mod:`~.routing`).
         indexes: the fragment index objects (version 2), by writer rank.
@@ -260,6 +262,7 @@ class CheckpointMetadata:
     flatten_mapping: dict[str, list[Any]] = field(default_factory=dict)
     checksum_algorithm: str = DEFAULT_CHECKSUM
     checksum_block_bytes: int = 1 << 20
+    checksum_block_width: int | None = None
     patterns: list[dict[str, Any]] = field(default_factory=list)
     rotate_min_bytes: int = ROTATE_MIN_BYTES
     indexes: list[IndexRef] = field(default_factory=list)

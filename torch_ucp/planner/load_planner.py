@@ -41,6 +41,7 @@ from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.planner.global_plan import ChunkList
 from torch_ucp.planner.layout import narrow, tensor_boxes
 from torch_ucp.planner.plan_table import RankLocalItems
+from torch_ucp.storage.values import load_torch_save
 
 _MAX_LISTED = 20
 
@@ -183,6 +184,10 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         saved_patterns: layout rules of a checkpoint saved without torch_ucp patterns (a stock
             DCP checkpoint): how its stored tensors relate to the logical ones.
         flatten_state_dict / flatten_sharded_tensors: as in DCP's :class:`DefaultLoadPlanner`.
+        allow_pickle: values of stock DCP checkpoints (``torch.save`` bytes) are loaded with
+            ``weights_only=True``; ``True`` allows full unpickling (runs code the checkpoint
+            names: only for checkpoints you trust). torch_ucp checkpoints' values are decoded by
+            :class:`~torch_ucp.UCPReader` (its own ``allow_pickle``).
 
     A dtype change is allowed: the saved values are cast into the target's dtype.
     """
@@ -195,7 +200,9 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         saved_patterns: list[Any] | None = None,
         flatten_state_dict: bool = True,
         flatten_sharded_tensors: bool = True,
+        allow_pickle: bool = False,
     ) -> None:
+        self.allow_pickle = bool(allow_pickle)
         super().__init__(
             flatten_state_dict=flatten_state_dict,
             flatten_sharded_tensors=flatten_sharded_tensors,
@@ -453,7 +460,9 @@ class UCPLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: Any) -> None:
         value.seek(0)
-        self.load_object(read_item, torch.load(value, weights_only=False))
+        fqn = read_item.dest_index.fqn
+        opt_in = "UCPLoadPlanner(allow_pickle=True)"
+        self.load_object(read_item, load_torch_save(value, fqn, allow_pickle=self.allow_pickle, opt_in=opt_in))
 
     def load_object(self, read_item: ReadItem, value: Any) -> None:
         """Place a decoded non-tensor value (torch_ucp readers decode without pickle)."""

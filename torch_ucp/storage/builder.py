@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from torch_ucp import knobs
-from torch_ucp.errors import CheckpointError
-from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, crc32c
+from torch_ucp.errors import CheckpointError, CheckpointExistsError
+from torch_ucp.metadata.checksums import BlockGrid, crc32c
 from torch_ucp.metadata.dtypes import dtype_to_name
+from torch_ucp.metadata.header import encode_header
 from torch_ucp.metadata.index import encode_index
 from torch_ucp.metadata.schema import (
     DATA_PREFIX,
@@ -42,16 +42,16 @@ from torch_ucp.metadata.schema import (
     data_object_name,
     index_object_name,
 )
+from torch_ucp.storage import commit
+from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import encode_value
 from torch_ucp.storage.writer import (
     RankWritten,
-    check_can_save,
+    UCPWriter,
     checkpoint_metadata,
-    commit,
     index_rows,
-    new_save_id,
     tensor_bytes,
 )
 
@@ -82,10 +82,13 @@ class CheckpointBuilder:
 
     Args:
         url: checkpoint folder: a path or fsspec URL.
-        overwrite: allow replacing a committed checkpoint at ``url`` (checked at construction).
-        checksum_block_bytes: checksum granularity (default: the writer's knob, 1 MiB).
+        overwrite: allow replacing a committed checkpoint at ``url`` (checked at construction
+            and again, atomically, at commit).
+        checksum_block_bytes / checksum_block_width: checksum blocks, as for
+            :class:`~torch_ucp.UCPWriter`.
         max_object_bytes: start a new data object once the current one holds this many bytes
             (default: one object for everything).
+        allow_pickle: store values without a pickle-free encoding with ``torch.save``.
         **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ...).
     """
 
@@ -95,14 +98,32 @@ class CheckpointBuilder:
         *,
         overwrite: bool = False,
         checksum_block_bytes: int | None = None,
+        checksum_block_width: int | None = None,
         max_object_bytes: int | None = None,
+        allow_pickle: bool = False,
         **storage_options: Any,
     ) -> None:
-        self.store = Store(url, storage_options)
-        self.checksum_block_bytes = checksum_block_bytes or knobs.checksum_block_bytes()
+        # the writer's options, validated by it; the builder then writes as its rank 0
+        self._writer = UCPWriter(
+            url,
+            overwrite=overwrite,
+            checksum_block_bytes=checksum_block_bytes,
+            checksum_block_width=checksum_block_width,
+            allow_pickle=allow_pickle,
+            **storage_options,
+        )
+        assert self._writer.store is not None
+        self.store: Store = self._writer.store
+        self.overwrite = overwrite
         self.max_object_bytes = max_object_bytes
-        check_can_save(self.store, overwrite, "CheckpointBuilder")
         self.save_id: str = new_save_id()
+        try:
+            commit.begin(self.store, self.save_id, overwrite=overwrite)
+        except CheckpointExistsError:
+            raise CheckpointExistsError(
+                f"{self.store.url} already holds a committed checkpoint; pass "
+                "CheckpointBuilder(..., overwrite=True) to replace it"
+            ) from None
         self.folder = f"{DATA_PREFIX}{self.save_id}"
         self.bytes_written = 0
         self.metadata: CheckpointMetadata | None = None
@@ -144,7 +165,7 @@ class CheckpointBuilder:
         except ValueError as e:
             raise ValueError(f"{fqn}: {e}") from None
         data = tensor_bytes(tensor)
-        stored = self._append(data)
+        stored = self._append(data, self._writer.block_grid(tuple(tensor.shape), tensor.dtype.itemsize))
         del data
         shape = tuple(tensor.shape)
         self._written.append((fqn, shape, stored))
@@ -169,8 +190,8 @@ class CheckpointBuilder:
         self._check_new(fqn)
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{fqn}: use add_tensor for tensors")
-        encoding, payload = encode_value(value)
-        stored = self._append(memoryview(payload))
+        encoding, payload = encode_value(value, name=fqn, allow_pickle=self._writer.allow_pickle)
+        stored = self._append(memoryview(payload), self._writer.block_grid((len(payload),), 1))
         self._values.append(ValueEntry(fqn, encoding, stored, 0))
         self._layout.flatten_mapping[fqn] = list(path) if path is not None else [fqn]
         return stored
@@ -194,7 +215,7 @@ class CheckpointBuilder:
             report = RankWritten(0, None, self._values, self.bytes_written)
             if self._written:
                 keys, rows = index_rows([(f, (0,) * len(shape), shape, st) for f, shape, st in self._written], 0)
-                blob = encode_index(0, keys, rows, self.checksum_block_bytes)
+                blob = encode_index(0, keys, rows, self._writer.checksum_block_bytes, self._writer.checksum_block_width)
                 name = index_object_name(self.save_id, 0)
                 self.store.write_object(name, blob)
                 report.index = IndexRef(0, name, len(blob), crc32c(blob), len(rows))
@@ -205,10 +226,12 @@ class CheckpointBuilder:
                 [report],
                 save_id=self.save_id,
                 world_size=1,
-                checksum_algorithm=DEFAULT_ALGORITHM,
-                checksum_block_bytes=self.checksum_block_bytes,
+                checksum_algorithm=self._writer.checksum_algorithm,
+                checksum_block_bytes=self._writer.checksum_block_bytes,
+                checksum_block_width=self._writer.checksum_block_width,
             )
-            commit(self.store, meta)
+            commit.publish(self.store, self.save_id, encode_header(meta), overwrite=self.overwrite)
+            commit.remove_stale(self.store, self.save_id)
         except BaseException:
             self.abort()
             raise
@@ -225,10 +248,7 @@ class CheckpointBuilder:
         if self._stream is not None:
             self._stream.abort()
             self._stream = None
-        try:
-            self.store.remove(self.folder)
-        except Exception as e:  # noqa: BLE001 - best effort; the next save cleans it up
-            logger.warning("torch_ucp: could not remove %s: %s", self.store.describe(self.folder), e)
+        commit.discard(self.store, self.save_id)
 
     def __enter__(self) -> CheckpointBuilder:
         return self
@@ -249,7 +269,7 @@ class CheckpointBuilder:
         if fqn in self._layout.flatten_mapping:
             raise ValueError(f"{fqn!r} was already added to {self.url}")
 
-    def _append(self, data: memoryview) -> StoredBytes:
+    def _append(self, data: memoryview, grid: BlockGrid) -> StoredBytes:
         stream = self._stream
         if (
             stream is not None
@@ -270,7 +290,7 @@ class CheckpointBuilder:
                 self.abort()
                 raise
         try:
-            stored = stream.append(data, self.checksum_block_bytes, DEFAULT_ALGORITHM)
+            stored = stream.append(data, grid, self._writer.checksum_algorithm)
         except BaseException:
             self.abort()
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import IO
 
 from torch_ucp import knobs
-from torch_ucp.metadata.checksums import block_checksums
+from torch_ucp.metadata.checksums import BlockGrid
 from torch_ucp.metadata.schema import ITEM_ALIGNMENT, StoredBytes
 from torch_ucp.storage.store import Store, write_all
 
@@ -27,12 +27,12 @@ class ObjectStream:
         self._file: IO[bytes] | None = store.open_write(rel)
 
     def append(
-        self, data: memoryview, block_bytes: int = 1 << 20, algorithm: str | None = None
+        self, data: memoryview, grid: BlockGrid | None = None, algorithm: str | None = None
     ) -> StoredBytes:
-        """Write ``data`` at the end of the object; with an ``algorithm``, with the block
-        checksums of the format."""
+        """Write ``data`` at the end of the object; with a ``grid`` and an ``algorithm``, with
+        the block checksums of the format."""
         assert self._file is not None
-        checks = block_checksums(data, block_bytes, algorithm) if algorithm else []
+        checks = grid.checksums(data, algorithm) if grid is not None and algorithm else []
         pad = -self.offset % self.alignment
         if pad:
             write_all(self._file, memoryview(bytes(pad)))

@@ -17,18 +17,20 @@ from torch.futures import Future
 from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
-from torch_ucp.metadata.checksums import checksum_function
+from torch_ucp.metadata.checksums import BlockGrid
 from torch_ucp.metadata.dcp import CatalogStateDict, catalog_metadata
 from torch_ucp.metadata.header import decode_metadata
 from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
-from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
+from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.values import decode_value
 
 
 def _read_header(store: Store) -> bytes:
     try:
-        return store.read_bytes(METADATA_FILE, limit=knobs.max_metadata_bytes())
+        return store.read_bytes(
+            METADATA_FILE, knobs.max_metadata_bytes(), limit_knob="TORCH_UCP_MAX_METADATA_BYTES"
+        )
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"no committed checkpoint at {store.url}: {store.describe(METADATA_FILE)} is missing"
@@ -56,26 +58,52 @@ def load_metadata(store: Store) -> CheckpointMetadata:
     return open_catalog(store).meta
 
 
-def read_object(store: Store, entry: ValueEntry, meta: CheckpointMetadata, verify: bool) -> Any:
-    """Read, verify and decode one non-tensor value."""
+def read_value_bytes(store: Store, entry: ValueEntry, meta: CheckpointMetadata, verify: bool) -> bytes:
+    """The stored bytes of one non-tensor value, verified against its checksums (the data
+    object's size is checked before memory is allocated for them)."""
     data = entry.data
-    buf = bytearray(data.byte_length)
-    if data.byte_length:
-        try:
-            store.read_into(data.object, [(data.byte_offset, data.byte_length)], [memoryview(buf)])
-        except CorruptCheckpointError as e:
-            raise CorruptCheckpointError(f"cannot read value {entry.fqn!r}: {e}") from e
-    if verify and data.checksums:
-        fn = checksum_function(meta.checksum_algorithm)
-        block = meta.checksum_block_bytes
-        for i, expected in enumerate(data.checksums):
-            if fn(memoryview(buf)[i * block : (i + 1) * block]) != expected:
+    try:
+        buf = store.read_range(data.object, data.byte_offset, data.byte_length)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"cannot read value {entry.fqn!r}: {e}") from e
+    if verify and data.byte_length:
+        if type(meta.checksum_block_bytes) is not int or meta.checksum_block_bytes < 1:
+            raise CorruptCheckpointError(
+                f"value {entry.fqn!r}: checksum block size {meta.checksum_block_bytes!r} is not a "
+                "positive integer"
+            )
+        grid = BlockGrid.flat(data.byte_length, meta.checksum_block_bytes)
+        if len(data.checksums) != grid.count:
+            raise CorruptCheckpointError(
+                f"value {entry.fqn!r}: the metadata lists {len(data.checksums)} checksums for its "
+                f"{data.byte_length} bytes, {grid.count} expected; load with verify=False to "
+                "read it unverified"
+            )
+        got = grid.checksums(memoryview(buf), meta.checksum_algorithm)
+        for i, (have, expected) in enumerate(zip(got, data.checksums)):
+            if have != expected:
+                block = meta.checksum_block_bytes
                 raise CorruptCheckpointError(
                     f"checksum mismatch in value {entry.fqn!r}: data object "
                     f"{store.describe(data.object)} bytes [{data.byte_offset + i * block}, "
                     f"{data.byte_offset + min((i + 1) * block, data.byte_length)})"
                 )
-    return decode_value(entry.encoding, bytes(buf), entry.fqn)
+    return buf
+
+
+def read_object(
+    store: Store,
+    entry: ValueEntry,
+    meta: CheckpointMetadata,
+    verify: bool,
+    *,
+    allow_pickle: bool = False,
+) -> Any:
+    """Read, verify and decode one non-tensor value (``torch_save`` ones only with
+    ``allow_pickle``)."""
+    return decode_value(
+        entry.encoding, read_value_bytes(store, entry, meta, verify), entry.fqn, allow_pickle=allow_pickle
+    )
 
 
 class CommittedStateDict(CatalogStateDict):
@@ -109,11 +137,15 @@ class UCPReader(StorageReader):
 
     Args:
         url: checkpoint folder (path or fsspec URL); may instead be passed as ``checkpoint_id``.
-        verify: ``True`` (default) verifies every checksum block a read covers, widening reads to
-            whole blocks when that costs at most ``TORCH_UCP_READ_WASTE_RATIO`` (10%) extra;
-            ``"full"`` always widens, so every loaded byte is verified; ``False`` skips checks.
-            Metadata (header and indexes) is always verified.
+        verify: ``True`` (default): every byte delivered is verified (reads are widened to the
+            checksum blocks around them, small in both directions); ``False`` skips checks.
+            Metadata (header and fragment indexes) is always verified.
         threads: parallel range reads per rank.
+        allow_pickle: decode values stored with ``torch.save`` (unpickling runs code named by
+            the checkpoint: only for checkpoints you trust). Default: such a value raises
+            :class:`~torch_ucp.errors.UnsafeCheckpointError` naming its key.
+        follow_symlinks: local/NFS: read data and metadata objects that are symbolic links
+            (default: refused, so a checkpoint cannot make the reader read files outside it).
         **storage_options: passed to fsspec.
 
     After a load, ``stats`` holds the bytes read and needed by this rank.
@@ -125,12 +157,16 @@ class UCPReader(StorageReader):
         *,
         verify: bool | str = True,
         threads: int | None = None,
+        allow_pickle: bool = False,
+        follow_symlinks: bool = False,
         **storage_options: Any,
     ) -> None:
         super().__init__()
         self.storage_options = storage_options
-        self.store = Store(url, storage_options) if url is not None else None
-        self.verify = verify
+        self.follow_symlinks = bool(follow_symlinks)
+        self.store = self._store(url) if url is not None else None
+        self.verify = normalize_verify(verify)
+        self.allow_pickle = bool(allow_pickle)
         self.threads = threads
         self.stats = ReadStats()
         self._catalog: FragmentCatalog | None = None
@@ -144,9 +180,12 @@ class UCPReader(StorageReader):
     def checkpoint_id(self) -> str | None:
         return self.store.url if self.store is not None else None
 
+    def _store(self, url: str | os.PathLike) -> Store:
+        return Store(url, self.storage_options, follow_symlinks=self.follow_symlinks)
+
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
-            self.store = Store(checkpoint_id, self.storage_options)
+            self.store = self._store(checkpoint_id)
         self._catalog = None
         self.stats = ReadStats()
 
@@ -212,6 +251,7 @@ class UCPReader(StorageReader):
             verify=self.verify,
             checksum_algorithm=meta.checksum_algorithm,
             block_bytes=meta.checksum_block_bytes,
+            block_width=meta.checksum_block_width,
             threads=self.threads,
         )
         self.stats.add(reader.read(reads))
@@ -223,7 +263,7 @@ class UCPReader(StorageReader):
         self, item: ReadItem, entry: ValueEntry, meta: CheckpointMetadata, planner: LoadPlanner
     ) -> None:
         assert self.store is not None
-        value = read_object(self.store, entry, meta, bool(self.verify))
+        value = read_object(self.store, entry, meta, self.verify, allow_pickle=self.allow_pickle)
         load_object = getattr(planner, "load_object", None)
         if load_object is not None:
             load_object(item, value)

@@ -7,12 +7,20 @@ writes (multipart uploads on S3) and parallel ranged reads.
 
 A :class:`Store` is picklable: it keeps only the URL and options and re-opens the filesystem
 lazily, so writers and readers can be shipped to DCP's async-save process.
+
+Local reads stay inside the checkpoint folder: every object is opened component by component
+below the root with ``O_NOFOLLOW``, so a data or metadata object that is a symbolic link (or sits
+under one) is refused unless the store is told to follow links, and anything but a regular file
+(a FIFO, a device) is refused without blocking on it. The root itself may be a link: the caller
+named it. Sizes are checked before memory is allocated for a read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import stat
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +30,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from torch_ucp import knobs
-from torch_ucp.errors import CorruptCheckpointError
+from torch_ucp.errors import CorruptCheckpointError, UnsafeCheckpointError
 from torch_ucp.storage.retry import retry
 
 T = TypeVar("T")
@@ -31,17 +39,32 @@ T = TypeVar("T")
 class Store:
     """Reads and writes objects relative to a checkpoint root URL."""
 
-    def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        url: str | os.PathLike,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        follow_symlinks: bool = False,
+    ):
         self.url = os.fspath(url)
+        if not isinstance(self.url, str) or not self.url:
+            raise ValueError(f"a checkpoint URL must be a non-empty path or URL, got {url!r}")
         self.storage_options = dict(storage_options or {})
+        self.follow_symlinks = bool(follow_symlinks)
         self._fs: fsspec.AbstractFileSystem | None = None
         self._root: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "storage_options": self.storage_options}
+        return {
+            "url": self.url,
+            "storage_options": self.storage_options,
+            "follow_symlinks": self.follow_symlinks,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], state["storage_options"])
+        self.__init__(
+            state["url"], state["storage_options"], follow_symlinks=state.get("follow_symlinks", False)
+        )
 
     # -- filesystem ---------------------------------------------------------------------------
     def _open_fs(self) -> None:
@@ -88,22 +111,76 @@ class Store:
 
         return self.retrying(exists, f"checking {self.describe(rel)}")
 
-    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
-        """The whole object ``rel``; with ``limit``, at most ``limit + 1`` bytes are read (a
-        longer object is the caller's error to report, with bounded memory)."""
-        end = None if limit is None else limit + 1
-        return self.retrying(
+    def read_bytes(self, rel: str, max_bytes: int | None = None, *, limit_knob: str = "") -> bytes:
+        """The whole object ``rel``; with ``max_bytes``, refused if larger, with bounded memory
+        (local: checked before reading; object stores: at most ``max_bytes + 1`` bytes are
+        fetched). ``limit_knob`` names the setting in the error. Raises ``FileNotFoundError``
+        if it does not exist."""
+        if self.is_local:
+            fd = self.open_local(rel)
+            try:
+                size = os.fstat(fd).st_size
+                self._check_limit(rel, size, max_bytes, limit_knob)
+                buf = bytearray(size)
+                self._pread_exact(fd, rel, 0, memoryview(buf))
+                return bytes(buf)
+            finally:
+                os.close(fd)
+        end = None if max_bytes is None else max_bytes + 1
+        data = self.retrying(
             lambda: self.fs.cat_file(self.path(rel), start=0 if end else None, end=end),
             f"reading {self.describe(rel)}",
         )
+        self._check_limit(rel, len(data), max_bytes, limit_knob)
+        return data
 
-    def read_many(self, rels: Sequence[str], limits: Sequence[int]) -> list[bytes]:
-        """Whole objects, read in parallel (metadata objects: small, many), each at most its
-        ``limit + 1`` bytes."""
+    def read_many(self, rels: Sequence[str], max_bytes: Sequence[int]) -> list[bytes]:
+        """Whole objects, read in parallel (metadata objects: small, many), each refused past
+        its ``max_bytes``."""
         if len(rels) <= 1:
-            return [self.read_bytes(r, n) for r, n in zip(rels, limits)]
+            return [self.read_bytes(r, n) for r, n in zip(rels, max_bytes)]
         with ThreadPoolExecutor(min(len(rels), knobs.read_threads()), "ucp-meta") as pool:
-            return list(pool.map(self.read_bytes, rels, limits))
+            return list(pool.map(self.read_bytes, rels, max_bytes))
+
+    def _check_limit(self, rel: str, size: int, max_bytes: int | None, knob: str = "") -> None:
+        if max_bytes is not None and size > max_bytes:
+            what = f"{size} bytes" if self.is_local else f"over {max_bytes} bytes"
+            raise CorruptCheckpointError(
+                f"{self.describe(rel)} is {what}, more than the {max_bytes} allowed"
+                + (f" ({knob})" if knob else "")
+            )
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of ``rel``. The object's size is checked before any
+        memory is allocated for them (a length recorded in metadata is not trusted)."""
+        if length == 0:
+            return b""
+        if self.is_local:
+            fd = self._open_data(rel)
+            try:
+                self._check_size(fd, rel, start, length)
+                buf = bytearray(length)
+                self._pread_exact(fd, rel, start, memoryview(buf))
+                return bytes(buf)
+            finally:
+                os.close(fd)
+        path = self.path(rel)
+
+        def fetch() -> bytes:
+            try:
+                return self.fs.cat_file(path, start=start, end=start + length)
+            except FileNotFoundError as e:
+                raise CorruptCheckpointError(f"data object {self.describe(rel)} is missing") from e
+            except OSError as e:
+                if _error_code(e) == "InvalidRange":
+                    raise _short_read(self.describe(rel), start, length, 0) from e
+                raise
+
+        # an object store sends what exists: the response, not the recorded length, sizes it
+        blob = self.retrying(fetch, f"reading {self.describe(rel)}")
+        if len(blob) != length:
+            raise _short_read(self.describe(rel), start, length, len(blob))
+        return blob
 
     def read_into(self, rel: str, ranges: Sequence[tuple[int, int]], outs: Sequence[memoryview]) -> None:
         """Read each ``(start, length)`` range of ``rel`` into the matching writable buffer."""
@@ -136,20 +213,100 @@ class Store:
     def _read_into_local(
         self, rel: str, ranges: Sequence[tuple[int, int]], outs: Sequence[memoryview]
     ) -> None:
+        fd = self._open_data(rel)
         try:
-            fd = os.open(self.path(rel), os.O_RDONLY)
-        except FileNotFoundError as e:
-            raise CorruptCheckpointError(f"data object {self.describe(rel)} is missing") from e
-        try:
+            if ranges:
+                last = max(ranges, key=lambda r: r[0] + r[1])
+                self._check_size(fd, rel, *last)
             for (start, length), out in zip(ranges, outs):
-                done = 0
-                while done < length:
-                    n = os.preadv(fd, [out[done:]], start + done)
-                    if n == 0:
-                        raise _short_read(self.describe(rel), start, length, done)
-                    done += n
+                self._pread_exact(fd, rel, start, out[:length])
         finally:
             os.close(fd)
+
+    def _pread_exact(self, fd: int, rel: str, start: int, out: memoryview) -> None:
+        done, length = 0, len(out)
+        while done < length:
+            n = os.preadv(fd, [out[done:]], start + done)
+            if n == 0:
+                raise _short_read(self.describe(rel), start, length, done)
+            done += n
+
+    def _check_size(self, fd: int, rel: str, start: int, length: int) -> None:
+        size = os.fstat(fd).st_size
+        if start + length > size:
+            raise _short_read(self.describe(rel), start, length, max(0, size - start))
+
+    # -- local objects: opened inside the checkpoint folder only ------------------------------
+    def open_local(self, rel: str) -> int:
+        """A read-only descriptor of the regular file ``rel`` under the root (local/NFS only).
+
+        Each component below the root is opened with ``O_NOFOLLOW`` (relative to the previous
+        one), so a symbolic link anywhere in ``rel`` raises
+        :class:`~torch_ucp.errors.UnsafeCheckpointError` unless ``follow_symlinks``; a FIFO,
+        device or directory raises :class:`~torch_ucp.errors.CorruptCheckpointError` (opened
+        with ``O_NONBLOCK``: a FIFO without a writer cannot block). A missing file raises
+        ``FileNotFoundError``.
+        """
+        parts = rel.split("/")
+        if not rel or any(p in ("", ".", "..") for p in parts):
+            raise UnsafeCheckpointError(f"{rel!r} is not a path inside the checkpoint folder")
+        leaf_flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        if self.follow_symlinks:
+            fd = os.open(self.path(rel), leaf_flags)
+        else:
+            no_follow = getattr(os, "O_NOFOLLOW", 0)
+            directory = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+            parent = os.open(self.root, directory)
+            try:
+                for i, part in enumerate(parts):
+                    flags = leaf_flags | no_follow if i == len(parts) - 1 else directory | no_follow
+                    try:
+                        fd = os.open(part, flags, dir_fd=parent)
+                    except OSError as e:
+                        if e.errno == errno.ELOOP or os.path.islink(os.path.join(self.root, *parts[: i + 1])):
+                            raise self._symlink_error(rel, parts[: i + 1]) from None
+                        raise
+                    if i < len(parts) - 1:
+                        os.close(parent)
+                        parent = fd
+            finally:
+                os.close(parent)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptCheckpointError(
+                    f"{self.describe(rel)} is not a regular file ({_file_kind(st.st_mode)}); a "
+                    "checkpoint's objects are regular files"
+                )
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_data(self, rel: str) -> int:
+        """:meth:`open_local`, with a missing file reported as a missing data object."""
+        try:
+            return self.open_local(rel)
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"data object {self.describe(rel)} is missing") from e
+
+    def _symlink_error(self, rel: str, parts: list[str]) -> UnsafeCheckpointError:
+        link = "/".join(parts)
+        try:
+            target = os.readlink(os.path.join(self.root, *parts))
+        except OSError:
+            target = "?"
+        what = (
+            f"{self.describe(rel)} is a symbolic link to {target!r}"
+            if link == rel
+            else f"{self.describe(rel)} lies under {self.describe(link)}, a symbolic link to {target!r}"
+        )
+        return UnsafeCheckpointError(
+            f"{what}: torch_ucp reads only regular files inside the checkpoint folder. If you "
+            "trust this checkpoint's links, pass follow_symlinks=True (UCPReader, open_checkpoint)"
+        )
 
     # -- writes -------------------------------------------------------------------------------
     def makedirs(self, rel: str) -> None:
@@ -301,6 +458,19 @@ def _error_code(exc: BaseException) -> str | None:
     if isinstance(response, dict):
         return response.get("Error", {}).get("Code")
     return None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return f"mode {mode:o}"
 
 
 def _short_read(name: str, start: int, length: int, got: int) -> CorruptCheckpointError:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import os
+import pickle
 import sys
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +29,8 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from torch_ucp import knobs
-from torch_ucp.errors import CheckpointError, CheckpointExistsError
-from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, crc32c
+from torch_ucp.errors import CheckpointError, CommitConflictError, UnsafeCheckpointError
+from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid, crc32c
 from torch_ucp.metadata.fragments import FragmentRows, tensor_key
 from torch_ucp.metadata.header import encode_header
 from torch_ucp.metadata.index import encode_index
@@ -36,7 +38,6 @@ from torch_ucp.metadata.provenance import UCP_KEY, SaveInfo
 from torch_ucp.metadata.schema import (
     DATA_PREFIX,
     ITEM_ALIGNMENT,
-    METADATA_FILE,
     CheckpointMetadata,
     IndexRef,
     SaveLayout,
@@ -48,9 +49,11 @@ from torch_ucp.metadata.schema import (
 )
 from torch_ucp.planner.plan_table import write_item_nbytes
 from torch_ucp.planner.save_planner import PlannerData
+from torch_ucp.storage import commit
+from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.store import Store
-from torch_ucp.storage.values import encode_value
+from torch_ucp.storage.values import TORCH_SAVE, encode_value
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class RankWritten:
     index: IndexRef | None
     values: list[ValueEntry] = field(default_factory=list)
     bytes_written: int = 0
+    objects: dict[str, int] = field(default_factory=dict)  # every object written -> its size
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -87,10 +91,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.cpu()
     t = t.contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def new_save_id() -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
 def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
@@ -113,19 +113,27 @@ class UCPWriter(StorageWriter):
     """Writes a torch_ucp checkpoint to a local path or any fsspec URL.
 
     Each rank streams its fragments into a few large data objects (one per writer thread) under
-    ``data-<save_id>/``, computing block checksums on the way; the coordinator then commits by
-    writing ``.metadata`` last and atomically, and removes data objects of earlier or abandoned
-    saves. A save that fails on any rank commits nothing, and a committed checkpoint at the URL
-    stays loadable until the new one is committed.
+    ``data-<save_id>/``, computing block checksums on the way, then writes its fragment index
+    there; the coordinator then commits by writing the header ``.metadata`` last, atomically
+    and conditionally (:mod:`torch_ucp.storage.commit`: of concurrent saves to one URL at most
+    one commits), and removes data of saves that can no longer commit, and nothing else. A save
+    that fails on any rank commits nothing and removes its own data; a committed checkpoint at
+    the URL stays loadable until the new one commits.
 
     Args:
         url: checkpoint folder: a path or fsspec URL (``s3://bucket/run/step-100``). May be
             given later as ``checkpoint_id`` to ``dcp.save``.
-        overwrite: allow replacing a committed checkpoint at the same URL.
+        overwrite: allow replacing a committed checkpoint at the same URL (checked when the
+            save starts and again, atomically, when it commits).
         threads: writer threads (= data objects, = uploads in flight) per rank; default 2 on
             local disk (``TORCH_UCP_WRITE_THREADS``), 8 on object stores
             (``TORCH_UCP_REMOTE_WRITE_THREADS``).
-        checksum_block_bytes: checksum granularity.
+        checksum_block_bytes: bytes per checksum block (64 KiB, ``TORCH_UCP_CHECKSUM_BLOCK_BYTES``).
+        checksum_block_width: bytes of a row per block (2 KiB, ``TORCH_UCP_CHECKSUM_BLOCK_WIDTH``;
+            see :class:`~torch_ucp.metadata.checksums.BlockGrid`).
+        allow_pickle: store values that have no pickle-free encoding with ``torch.save``
+            (default: refuse them, naming the key and the type). Loading them then needs
+            ``allow_pickle=True`` too.
         **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ``anon=`` ...).
     """
 
@@ -136,14 +144,32 @@ class UCPWriter(StorageWriter):
         overwrite: bool = False,
         threads: int | None = None,
         checksum_block_bytes: int | None = None,
+        checksum_block_width: int | None = None,
+        allow_pickle: bool = False,
         **storage_options: Any,
     ) -> None:
         super().__init__()
+        _check_flag("overwrite", overwrite)
+        _check_flag("allow_pickle", allow_pickle)
+        if threads is not None:
+            _check_int("threads", threads, 1, 1024)
+        block_bytes = _check_int(
+            "checksum_block_bytes",
+            knobs.checksum_block_bytes() if checksum_block_bytes is None else checksum_block_bytes,
+            MIN_BLOCK_BYTES, 1 << 30, multiple=ITEM_SIZE_MAX,
+        )
+        block_width = _check_int(
+            "checksum_block_width",
+            knobs.checksum_block_width() if checksum_block_width is None else checksum_block_width,
+            ITEM_SIZE_MAX, block_bytes, multiple=ITEM_SIZE_MAX,
+        )
         self.storage_options = storage_options
         self.store = Store(url, storage_options) if url is not None else None
         self.overwrite = overwrite
+        self.allow_pickle = allow_pickle
         self._threads = threads
-        self.checksum_block_bytes = checksum_block_bytes or knobs.checksum_block_bytes()
+        self.checksum_block_bytes = block_bytes
+        self.checksum_block_width = block_width
         self.checksum_algorithm = DEFAULT_ALGORITHM
         self.is_coordinator = False
         self._stock_writers: dict[str, set[int]] = {}
@@ -184,8 +210,9 @@ class UCPWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         assert self.store is not None
-        check_can_save(self.store, self.overwrite, "UCPWriter")
-        save_id = self.save_id = new_save_id()
+        save_id = new_save_id()
+        commit.begin(self.store, save_id, overwrite=self.overwrite)  # refuses early, marks the folder
+        self.save_id = save_id
         # plans of a stock planner carry their items: note who writes each tensor (the header
         # records it; UCPSavePlanner's layout says it itself)
         self._stock_writers: dict[str, set[int]] = {}
@@ -213,29 +240,33 @@ class UCPWriter(StorageWriter):
                 f"writing {self.store.describe(rel)}",
             )
 
-        self.store.makedirs(folder)
-        if len(bins) <= 1:
-            written = [r for k, b in enumerate(bins) for r in write_object(k, b)]
-        else:
-            with ThreadPoolExecutor(len(bins), "ucp-write") as pool:
-                futures = [pool.submit(write_object, k, b) for k, b in enumerate(bins)]
-                written = [r for f in futures for r in f.result()]
-        report = RankWritten(rank, None)
-        tensors = []
-        for item, stored, encoding in written:
-            if encoding is not None:
-                report.values.append(ValueEntry(item.index.fqn, encoding, stored, rank))
+        with self._removed_on_failure(assignment.save_id):
+            self.store.makedirs(folder)
+            if len(bins) <= 1:
+                written = [r for k, b in enumerate(bins) for r in write_object(k, b)]
             else:
-                chunk = item.tensor_data.chunk
-                tensors.append((item.index.fqn, chunk.offsets, chunk.sizes, stored))
-        if tensors:
-            keys, rows = index_rows(tensors, rank)
-            blob = encode_index(rank, keys, rows, self.checksum_block_bytes)
-            name = index_object_name(assignment.save_id, rank)
-            self.store.retrying(lambda: self.store.write_object(name, blob), f"writing {self.store.describe(name)}")
-            report.index = IndexRef(rank, name, len(blob), crc32c(blob), len(rows))
-        if bins:
-            self.store.fsync_dir(folder)
+                with ThreadPoolExecutor(len(bins), "ucp-write") as pool:
+                    futures = [pool.submit(write_object, k, b) for k, b in enumerate(bins)]
+                    written = [r for f in futures for r in f.result()]
+            report = RankWritten(rank, None)
+            tensors = []
+            for item, stored, encoding in written:
+                end = stored.byte_offset + stored.byte_length
+                report.objects[stored.object] = max(report.objects.get(stored.object, 0), end)
+                if encoding is not None:
+                    report.values.append(ValueEntry(item.index.fqn, encoding, stored, rank))
+                else:
+                    chunk = item.tensor_data.chunk
+                    tensors.append((item.index.fqn, chunk.offsets, chunk.sizes, stored))
+            if tensors:
+                keys, rows = index_rows(tensors, rank)
+                blob = encode_index(rank, keys, rows, self.checksum_block_bytes, self.checksum_block_width)
+                name = index_object_name(assignment.save_id, rank)
+                self.store.retrying(lambda: self.store.write_object(name, blob), f"writing {self.store.describe(name)}")
+                report.index = IndexRef(rank, name, len(blob), crc32c(blob), len(rows))
+                report.objects[name] = len(blob)
+            if bins:
+                self.store.fsync_dir(folder)
         report.bytes_written = self.bytes_written = sum(s.byte_length for _, s, _ in written)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result([WriteResult(MetadataIndex(RANK_RESULT), report.bytes_written, report)])
@@ -251,8 +282,8 @@ class UCPWriter(StorageWriter):
         stream = ObjectStream(self.store, rel, ITEM_ALIGNMENT)
         try:
             for item in items:
-                data, encoding = self._item_bytes(item, planner)
-                stored = stream.append(data, self.checksum_block_bytes, self.checksum_algorithm)
+                data, encoding, grid = self._item_bytes(item, planner)
+                stored = stream.append(data, grid, self.checksum_algorithm)
                 results.append((item, stored, encoding))
             stream.close()
         except BaseException:
@@ -260,14 +291,24 @@ class UCPWriter(StorageWriter):
             raise
         return results
 
-    def _item_bytes(self, item: WriteItem, planner: SavePlanner) -> tuple[memoryview, str | None]:
+    def block_grid(self, shape: tuple[int, ...], itemsize: int) -> BlockGrid:
+        """The checksum blocks of a fragment of this shape and element size (flat for values:
+        ``shape=(nbytes,)``, ``itemsize=1``)."""
+        return BlockGrid.for_fragment(shape, itemsize, self.checksum_block_bytes, self.checksum_block_width)
+
+    def _item_bytes(
+        self, item: WriteItem, planner: SavePlanner
+    ) -> tuple[memoryview, str | None, BlockGrid]:
         if item.type != WriteItemType.BYTE_IO:
-            return tensor_bytes(planner.resolve_data(item)), None
+            tensor = planner.resolve_data(item)
+            return tensor_bytes(tensor), None, self.block_grid(tuple(tensor.shape), tensor.dtype.itemsize)
+        name = item.index.fqn
         resolve_object = getattr(planner, "resolve_object", None)
         if resolve_object is not None:
-            encoding, payload = encode_value(resolve_object(item))
-            return memoryview(payload), encoding
-        return memoryview(planner.resolve_data(item).getvalue()), "torch_save"
+            encoding, payload = encode_value(resolve_object(item), name=name, allow_pickle=self.allow_pickle)
+        else:  # a stock planner hands over torch.save bytes: re-encode them without pickle
+            encoding, payload = _reencode_stock_bytes(planner.resolve_data(item), name, self.allow_pickle)
+        return memoryview(payload), encoding, self.block_grid((len(payload),), 1)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit: write the header (``.metadata``) last and atomically, remove data of other
@@ -280,18 +321,42 @@ class UCPWriter(StorageWriter):
             layout = metadata.planner_data.layout
         else:  # a stock planner: every tensor's writers were recorded by prepare_global_plan
             layout = layout_from_dcp(metadata, self._stock_writers)
-        meta = checkpoint_metadata(
-            layout,
-            reports,
-            save_id=self.save_id or new_save_id(),
-            world_size=len(results),
-            checksum_algorithm=self.checksum_algorithm,
-            checksum_block_bytes=self.checksum_block_bytes,
-        )
-        self.save_id = meta.save_id
-        header = commit(self.store, meta)
+        assert self.save_id is not None, "prepare_global_plan runs on the coordinator first"
+        with self._removed_on_failure(self.save_id):
+            meta = checkpoint_metadata(
+                layout,
+                reports,
+                save_id=self.save_id,
+                world_size=len(results),
+                checksum_algorithm=self.checksum_algorithm,
+                checksum_block_bytes=self.checksum_block_bytes,
+                checksum_block_width=self.checksum_block_width,
+            )
+            objects = {name: size for r in reports for name, size in r.objects.items()}
+            header = encode_header(meta)
+            commit.publish(self.store, meta.save_id, header, overwrite=self.overwrite, objects=objects)
         self.metadata = meta
+        commit.remove_stale(self.store, meta.save_id)
         compact_broadcast(metadata, meta, header, self.store)
+
+    @contextlib.contextmanager
+    def _removed_on_failure(self, save_id: str) -> Iterator[None]:
+        """On a failure, remove this save's own data before raising; a failure because a
+        concurrent save removed that data is raised as :class:`CommitConflictError`."""
+        assert self.store is not None
+        try:
+            yield
+        except BaseException as e:
+            concurrent = not isinstance(e, CheckpointError) and not isinstance(
+                commit.read_marker(self.store, save_id), dict
+            )
+            commit.discard(self.store, save_id)
+            if concurrent:
+                raise CommitConflictError(
+                    f"save {save_id} to {self.store.url} failed: its data folder was removed while "
+                    f"it ran (by a concurrent save that committed there, or by hand): {e}"
+                ) from e
+            raise
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
@@ -299,34 +364,6 @@ class UCPWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
-
-
-def check_can_save(store: Store, overwrite: bool, who: str) -> None:
-    """Refuse to save over a committed checkpoint unless ``overwrite``."""
-    if not overwrite and store.exists(METADATA_FILE):
-        raise CheckpointExistsError(
-            f"{store.url} already holds a committed checkpoint; pass "
-            f"{who}(..., overwrite=True) to replace it"
-        )
-
-
-def commit(store: Store, meta: CheckpointMetadata) -> bytes:
-    """Publish ``meta`` as the checkpoint's header (written last, atomically: the commit
-    point), then delete data of earlier or abandoned saves. Returns the header bytes."""
-    header = encode_header(meta)
-    store.write_atomic(METADATA_FILE, header)
-    remove_stale(store, meta.save_id)
-    return header
-
-
-def remove_stale(store: Store, save_id: str) -> None:
-    """Delete data of earlier or abandoned saves, never the one just committed."""
-    for name in store.list_dir(""):
-        stale_data = name.startswith(DATA_PREFIX) and name != f"{DATA_PREFIX}{save_id}"
-        stale_tmp = name.startswith(f"{METADATA_FILE}.tmp-") or name.startswith(f".{METADATA_FILE}.tmp-")
-        if stale_data or stale_tmp:
-            logger.info("torch_ucp: removing stale %s", store.describe(name))
-            store.remove(name)
 
 
 def index_rows(
@@ -381,6 +418,7 @@ def checkpoint_metadata(
     world_size: int,
     checksum_algorithm: str,
     checksum_block_bytes: int,
+    checksum_block_width: int | None,
 ) -> CheckpointMetadata:
     """The header of a save: the planner's layout joined with what every rank reported."""
     values: dict[str, ValueEntry] = {}
@@ -406,6 +444,7 @@ def checkpoint_metadata(
         flatten_mapping=layout.flatten_mapping,
         checksum_algorithm=checksum_algorithm,
         checksum_block_bytes=checksum_block_bytes,
+        checksum_block_width=checksum_block_width,
         patterns=layout.patterns,
         rotate_min_bytes=layout.rotate_min_bytes,
         indexes=indexes,
@@ -445,3 +484,38 @@ def compact_broadcast(metadata: Metadata, meta: CheckpointMetadata, header: byte
     metadata.state_dict_metadata = CommittedStateDict(store, header)
     metadata.planner_data = {k: tuple(v) for k, v in meta.flatten_mapping.items()}
     metadata.storage_meta = StorageMeta(checkpoint_id=store.url, save_id=meta.save_id)
+
+
+MIN_BLOCK_BYTES = 1 << 10
+ITEM_SIZE_MAX = 16  # the largest element size: block widths stay whole elements of any dtype
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if type(value) is not bool:
+        raise TypeError(f"UCPWriter: {name} must be True or False, got {value!r}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, *, multiple: int = 1) -> int:
+    if type(value) is not int:
+        raise TypeError(f"UCPWriter: {name} must be an int, got {value!r}")
+    if not lo <= value <= hi or value % multiple:
+        rule = f" and a multiple of {multiple}" if multiple > 1 else ""
+        raise ValueError(f"UCPWriter: {name} must be between {lo} and {hi}{rule}, got {value}")
+    return value
+
+
+def _reencode_stock_bytes(data: Any, name: str, allow_pickle: bool) -> tuple[str, bytes]:
+    """A stock planner's ``torch.save`` bytes of a value, re-encoded without pickle where the
+    value allows (unpickled with ``weights_only=True``: these are this process's own bytes)."""
+    raw = data.getvalue() if hasattr(data, "getvalue") else bytes(data)
+    try:
+        value = torch.load(io.BytesIO(raw), weights_only=True)
+    except pickle.UnpicklingError as e:
+        if allow_pickle:
+            return TORCH_SAVE, raw
+        raise UnsafeCheckpointError(
+            f"cannot save value {name!r} without pickle: {str(e).splitlines()[0]}. Convert it, "
+            "or pass allow_pickle=True to the writer to store it with torch.save (loading it "
+            "then needs allow_pickle=True)"
+        ) from None
+    return encode_value(value, name=name, allow_pickle=allow_pickle)
