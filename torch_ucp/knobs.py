@@ -100,3 +100,9 @@ def max_staging_bytes() -> int:
     """Bound of the host memory an async save stages into, per process (0: no bound).
     A larger state is staged in part and the writer copies the rest while the caller waits."""
     return _env_int("MAX_STAGING_BYTES", 0)
+
+
+def launch_start_method() -> str:
+    """How :func:`torch_ucp.demo.launch.run_distributed` starts ranks: ``forkserver`` (torch
+    imported once, ranks fork from it) or ``spawn`` (a fresh interpreter per rank)."""
+    return os.environ.get("TORCH_UCP_LAUNCH_START_METHOD") or "forkserver"
