@@ -5,6 +5,7 @@ into any DeviceMesh, world size, or a plain process with ``dcp.load(..., storage
 UCPReader(url), planner=UCPLoadPlanner())`` or :func:`open_checkpoint`.
 """
 
+from torch_ucp.api import load, save
 from torch_ucp.async_save import AsyncSaveHandle, AsyncSaver, async_save
 from torch_ucp.checkpoint import Checkpoint, open_checkpoint
 from torch_ucp.errors import (
@@ -14,6 +15,13 @@ from torch_ucp.errors import (
     CorruptCheckpointError,
     LoadPlanError,
     UnsupportedFormatError,
+    rank_error,
+)
+from torch_ucp.management import (
+    StepCheckpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
 )
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.storage import UCPReader, UCPWriter
@@ -36,4 +44,11 @@ __all__ = [
     "UCPWriter",
     "UnsupportedFormatError",
     "open_checkpoint",
+    "load",
+    "save",
+    "rank_error",
+    "StepCheckpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
 ]
