@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, ObjectE
 from torch_ucp.storage.checksum import checksum_function
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
 from torch_ucp.storage.store import Store
+from torch_ucp.storage.transfer_log import log_load
 from torch_ucp.storage.values import decode_value
 
 
@@ -121,6 +123,7 @@ class UCPReader(StorageReader):
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
         self._storage_data = metadata.storage_data
+        self._started = time.monotonic()  # for the INFO line of the load (transfer_log)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -163,6 +166,7 @@ class UCPReader(StorageReader):
             threads=self.threads,
         )
         self.stats.add(reader.read(reads))
+        log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut

@@ -41,6 +41,7 @@ from torch_ucp.planner.provenance import SaveInfo, flatten_mapping_of
 from torch_ucp.storage.checksum import DEFAULT_ALGORITHM
 from torch_ucp.storage.objects import ITEM_ALIGNMENT, ObjectStream
 from torch_ucp.storage.store import Store
+from torch_ucp.storage.transfer_log import log_save
 from torch_ucp.storage.values import encode_value
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class UCPWriter(StorageWriter):
         if self.store is None:
             raise CheckpointError("UCPWriter needs a URL: UCPWriter(url) or dcp.save(checkpoint_id=)")
         self.is_coordinator = is_coordinator
+        self._started = time.monotonic()  # for the INFO line of the save (transfer_log)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -255,6 +257,7 @@ class UCPWriter(StorageWriter):
         self.store.write_atomic(METADATA_FILE, encode_metadata(meta))
         self.metadata = meta
         self._remove_stale(meta.save_id)
+        log_save(self.store.url, meta.save_id, results, getattr(self, "_started", None))
 
     def _remove_stale(self, save_id: str) -> None:
         """Delete data of earlier or abandoned saves, never the one just committed."""
