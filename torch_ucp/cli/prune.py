@@ -43,6 +43,6 @@ def main(args: argparse.Namespace) -> int:
     if kept:
         summary += f" ({', '.join(kept)})"
     if incomplete:
-        summary += f"; left {len(incomplete)} incomplete alone ({', '.join(incomplete)})"
+        summary += f"; {'would leave' if args.dry_run else 'left'} {len(incomplete)} incomplete alone ({', '.join(incomplete)})"
     print(summary)
     return 0

@@ -35,17 +35,16 @@ from torch_ucp import knobs
 def exit_rank(code: int) -> NoReturn:
     """End this rank's process with ``code`` as a normal exit would, minus the finalization.
 
-    Joins the remaining non-daemon Python threads, runs ``atexit`` handlers, flushes stdout
-    and stderr, then ``os._exit``: C++ threads of process groups still alive are not torn
+    Does what the interpreter does first at exit: ``threading._shutdown()`` (its exit hooks,
+    e.g. stopping thread pools, then joining non-daemon threads; ``multiprocessing`` calls it
+    the same way when a child exits) and the ``atexit`` handlers; then flushes stdout and
+    stderr and calls ``os._exit``, so C++ threads of process groups still alive are not torn
     down while they may need the GIL (see the module docstring).
     """
-    current = threading.current_thread()
-    for t in threading.enumerate():
-        if t is not current and not t.daemon:
-            t.join()
     try:
+        threading._shutdown()
         atexit._run_exitfuncs()
-    except BaseException:  # noqa: BLE001 - reported like Python does at exit, then exit
+    except BaseException:  # noqa: BLE001 - reported as Python does at exit, then exit
         traceback.print_exc()
         code = code or 1
     for stream in (sys.stdout, sys.stderr):
