@@ -59,12 +59,16 @@ def _quiet_no_dist() -> Iterator[None]:
         yield
 
 
+_DCP_METADATA_FALLBACK = (
+    "Global metadata is not found. Falling back to rank local metadata.",
+    "Rank local metadata is not found.",
+)
+
+
 def _not_dcp_metadata_fallback(record: logging.LogRecord) -> bool:
     """Drops ``dcp.load``'s warnings (with tracebacks, on the root logger) about falling back
     to rank-local metadata, once torch_ucp knows why the metadata could not be read."""
-    return not str(record.msg).endswith("metadata is not found. Falling back to rank local metadata.") and (
-        str(record.msg) != "Rank local metadata is not found."
-    )
+    return record.msg not in _DCP_METADATA_FALLBACK
 
 
 @contextmanager
