@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pytest
@@ -218,7 +217,16 @@ def _o(options: dict) -> list[str]:
     return [a for k, v in options.items() for a in ("-o", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
 
 
-def test_ls_and_prune_commands(s3_bucket, tmp_path):
+def test_ls_and_prune_commands(s3_bucket, tmp_path, capsys):
+    """In this process (``main(argv)``: no start-up cost per command), and the last one through
+    the console script."""
+    from torch_ucp.cli.main import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
     local = str(tmp_path / "run")
     bucket, options = s3_bucket
     remote = f"{bucket}/run"
@@ -227,30 +235,26 @@ def test_ls_and_prune_commands(s3_bucket, tmp_path):
         torch_ucp.save(_state(step), f"{remote}/step-{step}", **options)
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
     _make_incomplete(remote, options, fs, remote.removeprefix("s3://"), 8)
-    with ThreadPoolExecutor(4) as pool:
-        ls_local = pool.submit(_cli, "ls", local)
-        ls_json = pool.submit(_cli, "ls", remote, "--json", *_o(options))
-        latest = pool.submit(_cli, "ls", remote, "--latest", *_o(options))
-        dry = pool.submit(_cli, "prune", local, "--keep", "1", "--dry-run")
-        bad = pool.submit(_cli, "prune", local, "--keep", "0")
-        empty = pool.submit(_cli, "ls", str(tmp_path / "nothing"), "--latest")
-    out = ls_local.result()
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+
+    code, out, _ = run("ls", local)
+    assert code == 0
+    lines = out.splitlines()
     assert lines[0].split() == ["step", "status", "size", "saved", "(UTC)", "world", "size", "save", "id"]
     assert lines[1].split()[:4] == ["5", "committed", "8.00", "KiB"]
     assert lines[2].split()[:4] == ["7", "committed", "8.00", "KiB"]
-    assert "2 committed checkpoints" in out.stdout
-    listed = json.loads(ls_json.result().stdout)
-    assert [(c["step"], c["committed"]) for c in listed] == [(5, True), (7, True), (8, False)]
-    assert latest.result().stdout.strip() == f"{remote}/step-7"
-    assert dry.result().stdout.splitlines()[0] == f"would delete {local}/step-5"
+    assert "2 committed checkpoints" in out
+    code, out, _ = run("ls", remote, "--json", *_o(options))
+    assert [(c["step"], c["committed"]) for c in json.loads(out)] == [(5, True), (7, True), (8, False)]
+    assert run("ls", remote, "--latest", *_o(options))[1].strip() == f"{remote}/step-7"
+    code, out, _ = run("prune", local, "--keep", "1", "--dry-run")
+    assert out.splitlines()[0] == f"would delete {local}/step-5"
     assert os.path.exists(f"{local}/step-5/.metadata")
-    assert bad.result().returncode == 2 and "--keep must be at least 1" in bad.result().stderr
-    assert empty.result().returncode == 2
-    assert empty.result().stderr.strip() == (
-        f"torch-ucp ls: error: no committed step-N checkpoint under {tmp_path / 'nothing'}"
-    )
+    code, _, err = run("prune", local, "--keep", "0")
+    assert code == 2 and "--keep must be at least 1" in err
+    code, _, err = run("ls", str(tmp_path / "nothing"), "--latest")
+    assert code == 2
+    assert err.strip() == f"torch-ucp ls: error: no committed step-N checkpoint under {tmp_path / 'nothing'}"
+
     pruned = _cli("prune", remote, "--keep", "1", *_o(options))
     assert pruned.returncode == 0, pruned.stderr
     assert pruned.stdout.splitlines() == [
