@@ -80,7 +80,17 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
 
 
 class RankFailedError(RuntimeError):
-    pass
+    """A rank failed; the message holds each failed rank's traceback (``--- rank N ---``)."""
+
+    @property
+    def summary(self) -> str:
+        """One line: each failed rank's final traceback line (the error itself)."""
+        parts = []
+        for block in str(self).split("--- rank ")[1:]:
+            rank, _, trace = block.partition(" ---\n")
+            lines = [line for line in trace.splitlines() if line.strip()]
+            parts.append(f"rank {rank}: {lines[-1] if lines else 'failed'}")
+        return "; ".join(parts) or str(self)
 
 
 def _start_method() -> str:
