@@ -239,3 +239,14 @@ def test_readme_s3_example_runs_as_written(s3_server, tmp_path):
         assert "model.w  float32  [4, 4]" in run.stdout
     finally:
         s3_server.delete_bucket("ckpt")
+
+
+def test_a_failed_rank_is_one_line_too():
+    from torch_ucp.cli.common import one_line
+    from torch_ucp.demo.launch import RankFailedError
+
+    e = RankFailedError(
+        "--- rank 0 ---\nTraceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad\n\n"
+        "--- rank 1 ---\nTraceback (most recent call last):\nKeyError: 'k'\n"
+    )
+    assert one_line(e) == "RankFailedError: rank 0: ValueError: bad; rank 1: KeyError: 'k'"
