@@ -21,19 +21,17 @@ import importlib.util
 import os
 import pickle
 import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from tests.support.deepspeed_ckpt import TinyModel, make_universal_checkpoint
+from torch_ucp.demo.launch import run_distributed
 from torch_ucp.interop import DeepSpeedUniversalReader
 
 pytestmark = pytest.mark.timeout(300)
@@ -310,51 +308,46 @@ def test_missing_parameter_folder_names_fqn_and_file(ds_universal, tmp_path):
 # ----------------------------------------------------------------------- FSDP2, 2 processes
 
 
-def _fsdp2_worker(rank: int, world_size: int, store: str, planner: str, infos: list[dict]) -> None:
+def _fsdp2_worker(planner: str, infos: list[dict]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        mesh = init_device_mesh("cpu", (world_size,))
-        for info in infos:
-            ref = load_reference(info)
-            model, _ = fresh_model_and_optim()
-            for layer in model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            optim = torch.optim.AdamW(model.parameters(), lr=0.123)
-            msd, osd = get_state_dict(model, optim)
-            assert isinstance(msd["embed.weight"], DTensor)
-            assert isinstance(osd["state"]["layers.1.weight"]["exp_avg"], DTensor)
-            state = {"model": msd, "optim": osd}
-            dcp.load(
-                state,
-                storage_reader=DeepSpeedUniversalReader(info["universal_dir"]),
-                planner=make_planner(planner),
-            )
-            set_state_dict(
-                model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"]
-            )
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world_size,))
+    for info in infos:
+        ref = load_reference(info)
+        model, _ = fresh_model_and_optim()
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optim = torch.optim.AdamW(model.parameters(), lr=0.123)
+        msd, osd = get_state_dict(model, optim)
+        assert isinstance(msd["embed.weight"], DTensor)
+        assert isinstance(osd["state"]["layers.1.weight"]["exp_avg"], DTensor)
+        state = {"model": msd, "optim": osd}
+        dcp.load(
+            state,
+            storage_reader=DeepSpeedUniversalReader(info["universal_dir"]),
+            planner=make_planner(planner),
+        )
+        set_state_dict(
+            model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
 
-            def full(t):
-                return t.full_tensor() if isinstance(t, DTensor) else t
+        def full(t):
+            return t.full_tensor() if isinstance(t, DTensor) else t
 
-            assert_matches_reference(model, optim, ref, info["param_names"], full=full)
-            # Uneven shards (13 and 37 rows over 2 ranks) hold the right rows locally.
-            local = model.embed.weight.to_local()
-            rows = local.shape[0]
-            start = 0 if rank == 0 else 19
-            assert torch.equal(local, ref["embed.weight.fp32"][start : start + rows])
-    finally:
-        dist.destroy_process_group()
+        assert_matches_reference(model, optim, ref, info["param_names"], full=full)
+        # Uneven shards (13 and 37 rows over 2 ranks) hold the right rows locally.
+        local = model.embed.weight.to_local()
+        rows = local.shape[0]
+        start = 0 if rank == 0 else 19
+        assert torch.equal(local, ref["embed.weight.fp32"][start : start + rows])
 
 
 @pytest.mark.parametrize("planner", PLANNERS)
 def test_load_into_fsdp2_two_processes(ds_universal, planner):
     infos = [ds_universal(stage) for stage in STAGES]
-    with tempfile.TemporaryDirectory() as tmp:
-        store = str(Path(tmp) / "pg_store")
-        mp.spawn(_fsdp2_worker, args=(2, store, planner, infos), nprocs=2, join=True)
+    run_distributed(_fsdp2_worker, 2, planner, infos)

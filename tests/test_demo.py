@@ -18,6 +18,7 @@ def test_demo_runs_and_verifies_bit_exact(tmp_path):
     assert len(rows) == 4, out.stdout
     assert sum("ok (bit-exact)" in r for r in rows) == 3, out.stdout
     assert (tmp_path / "step-2" / ".metadata").is_file()  # TorchTitan's discovery test
+    assert f"kept the checkpoint at {tmp_path / 'step-2'}" in out.stdout  # says what it keeps
     # the kept checkpoint verifies end to end
     verify = subprocess.run(
         [sys.executable, "-m", "torch_ucp", "verify", str(tmp_path / "step-2")],

@@ -1,4 +1,4 @@
-"""UCPLoadPlanner strictness (keys, shapes, kinds), dtype casts, and UCPWriter overwrite rules."""
+"""UCPLoadPlanner strictness (keys: default, strict, allow_missing; shapes, kinds), dtype casts, and UCPWriter overwrite rules."""
 
 from __future__ import annotations
 
@@ -105,25 +105,68 @@ def test_key_missing_from_checkpoint(ckpt):
     state = _target()
     state["model"]["layer.extra"] = torch.zeros(3)
     msg = _load_error(ckpt, state)
-    assert f"missing from {ckpt}: model.layer.extra" in msg
+    assert f"missing from {ckpt}: model.layer.extra (pass allow_missing=True" in msg
 
 
-def test_checkpoint_keys_missing_from_target(ckpt):
+def test_checkpoint_keys_missing_from_target_are_ignored_by_default(ckpt):
+    """As stock DefaultLoadPlanner: load a subset of the checkpoint (the model alone)."""
     state = _target()
     del state["model"]["head.w"]
     del state["tag"]
-    msg = _load_error(ckpt, state)
+    _load(ckpt, state)
+    for k in ("layer.w", "layer.b"):
+        assert torch.equal(state["model"][k], _model()[k]), k
+    assert state["step"] == 103
+    assert set(state["model"]) == {"layer.w", "layer.b"} and "tag" not in state
+
+
+def test_strict_refuses_checkpoint_keys_missing_from_target(ckpt):
+    state = _target()
+    del state["model"]["head.w"]
+    del state["tag"]
+    msg = _load_error(ckpt, state, strict=True)
     # the message itself (DCP's wrapper also quotes the source line that builds it)
-    line = re.search(rf"in {re.escape(ckpt)} but not in the target state dict: (.*)", msg)
+    line = re.search(rf"in {re.escape(ckpt)} but not in the target state dict: ([^(]*) \(strict=True", msg)
     assert line is not None, msg
     assert sorted(line.group(1).strip().split(", ")) == ["model.head.w", "tag"]
+
+
+def test_strict_loads_a_matching_target(ckpt):
+    state = _load(ckpt, _target(), strict=True)
+    assert torch.equal(state["model"]["head.w"], _model()["head.w"])
 
 
 def test_many_unexpected_keys_are_listed_with_a_count(tmp_path):
     path = str(tmp_path / "wide")
     _save(path, {f"p{i:02d}": torch.full((2,), float(i)) for i in range(25)})
-    msg = _load_error(path, {"p00": torch.zeros(2)})
+    msg = _load_error(path, {"p00": torch.zeros(2)}, strict=True)
     assert "p01" in msg and "(and 4 more)" in msg
+
+
+def test_allow_missing_patterns(ckpt):
+    state = _target()
+    state["model"]["layer.extra"] = torch.arange(3.0)
+    state["optim"] = {"lr": torch.ones(1)}
+    msg = _load_error(ckpt, state, allow_missing=["optim.*"])  # model.layer.extra still an error
+    assert f"missing from {ckpt}: model.layer.extra (pass" in msg and "optim.lr" not in msg
+    _load(ckpt, state, allow_missing=["optim.*", "model.layer.*"])
+    assert torch.equal(state["model"]["layer.extra"], torch.arange(3.0))  # left as it was
+    assert torch.equal(state["optim"]["lr"], torch.ones(1))
+    assert torch.equal(state["model"]["layer.w"], _model()["layer.w"])
+
+
+def test_strict_with_allow_missing(ckpt):
+    state = _target()
+    state["model"]["layer.extra"] = torch.zeros(3)
+    _load(ckpt, state, strict=True, allow_missing="model.layer.extra")
+    del state["tag"]
+    msg = _load_error(ckpt, state, strict=True, allow_missing=True)
+    assert "but not in the target state dict: tag (strict=True" in msg
+
+
+def test_allow_partial_load_conflicts_with_strict():
+    with pytest.raises(ValueError, match="allow_missing=True instead"):
+        UCPLoadPlanner(allow_partial_load=True, strict=True)
 
 
 @pytest.mark.parametrize("shape", [(8, 5), (6, 8), (48,), (8, 6, 1)])
@@ -136,7 +179,7 @@ def test_shape_mismatch(ckpt, shape):
 
 def test_planner_raises_load_plan_error_directly(ckpt):
     """Outside dcp.load (no CheckpointException wrapper) the planner's own error type shows."""
-    planner = UCPLoadPlanner()
+    planner = UCPLoadPlanner(strict=True)
     planner.set_up_planner({"model.layer.w": torch.zeros(2, 2)}, UCPReader(ckpt).read_metadata())
     with pytest.raises(LoadPlanError) as e:
         planner.create_local_plan()
@@ -151,7 +194,7 @@ def test_all_problems_reported_together(ckpt):
     state["model"]["layer.b"] = torch.zeros(7)
     state["model"]["new"] = torch.zeros(1)
     del state["model"]["head.w"]
-    msg = _load_error(ckpt, state)
+    msg = _load_error(ckpt, state, strict=True)
     assert "model.new" in msg
     assert "model.head.w" in msg
     assert "model.layer.b: shape mismatch: saved (6,), expected (7,)" in msg

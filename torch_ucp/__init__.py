@@ -6,6 +6,7 @@ UCPReader(url), planner=UCPLoadPlanner())`` or :func:`open_checkpoint`. Save in 
 background with :func:`async_save` (:mod:`torch_ucp.asynchronous`) and :func:`wait` for it.
 """
 
+from torch_ucp.api import load, save
 from torch_ucp.asynchronous import AsyncSaveHandle, AsyncSaver, async_save, wait
 from torch_ucp.checkpoint import Checkpoint, open_checkpoint
 from torch_ucp.errors import (
@@ -17,6 +18,13 @@ from torch_ucp.errors import (
     LoadPlanError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
+    rank_error,
+)
+from torch_ucp.management import (
+    StepCheckpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
 )
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.storage import UCPReader, UCPWriter
@@ -42,4 +50,11 @@ __all__ = [
     "UnsupportedFormatError",
     "open_checkpoint",
     "wait",
+    "load",
+    "save",
+    "rank_error",
+    "StepCheckpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
 ]

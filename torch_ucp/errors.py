@@ -35,3 +35,40 @@ class UnsafeCheckpointError(CheckpointError):
 class CommitConflictError(CheckpointError):
     """Another save committed at the URL while this one ran (or removed its data): nothing of
     this save was committed, and its own data was removed."""
+
+
+def rank_error(exc: BaseException) -> BaseException | None:
+    """The error a rank raised inside DCP's ``CheckpointException``, or ``None``.
+
+    ``dcp.save``/``dcp.load`` wrap every rank's failure in ``CheckpointException`` (a
+    ``BaseException``, which ``except Exception`` does not catch). This returns the lowest
+    rank's torch_ucp error (:class:`CheckpointError`), else the lowest rank's other
+    ``Exception``, so that callers of ``dcp`` directly can catch torch_ucp's types::
+
+        try:
+            dcp.load(state, storage_reader=UCPReader(url), planner=UCPLoadPlanner())
+        except CheckpointException as e:
+            error = torch_ucp.rank_error(e)
+            if error is None:
+                raise
+            raise error from e
+    """
+    found: list[BaseException] = []
+
+    def walk(e: BaseException, depth: int) -> None:
+        failures = getattr(e, "failures", None)
+        if not isinstance(failures, dict) or depth > 4:
+            found.append(e)
+            return
+        for rank in sorted(failures):
+            failure = failures[rank]
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException):
+                walk(inner, depth + 1)
+
+    walk(exc, 0)
+    for kind in (CheckpointError, Exception):
+        for e in found:
+            if e is not exc and isinstance(e, kind):
+                return e
+    return None

@@ -121,3 +121,9 @@ def commit_lock_timeout() -> float:
     """Local/NFS: seconds a commit waits for the commit lock another save holds (held for the
     few milliseconds of a compare-and-rename) before failing."""
     return _env_float("COMMIT_LOCK_TIMEOUT", 60.0)
+
+
+def launch_start_method() -> str:
+    """How :func:`torch_ucp.demo.launch.run_distributed` starts ranks: ``forkserver`` (torch
+    imported once, ranks fork from it) or ``spawn`` (a fresh interpreter per rank)."""
+    return os.environ.get("TORCH_UCP_LAUNCH_START_METHOD") or "forkserver"

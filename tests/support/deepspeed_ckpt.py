@@ -238,7 +238,12 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        from torch_ucp.demo.launch import exit_rank
+
         _worker(Path(args.out_dir), args.stage, args.steps, args.seed)
+        # past interpreter finalization, gloo worker threads still alive abort the process
+        # (see torch_ucp.demo.launch): leave without it, as run_distributed's ranks do
+        exit_rank(0)
     else:
         info = make_universal_checkpoint(args.out_dir, args.stage, args.steps, args.seed)
         print(json.dumps(info, indent=2))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from torch_ucp.errors import CheckpointError
+from torch_ucp.sizes import byte_unit
 
 
 class CommandError(Exception):
@@ -56,14 +60,42 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 @contextmanager
 def progress(args: argparse.Namespace, total: int | None, desc: str) -> Iterator[Any]:
-    """A tqdm bar on stderr when it is a terminal and not ``--quiet``; else a no-op."""
+    """A tqdm bar on stderr when it is a terminal and not ``--quiet``; else a no-op.
+
+    Sizes are in the unit the command's summary line uses for ``total`` (MiB, GiB: see
+    :func:`torch_ucp.sizes.human_bytes`), so the bar and the summary agree.
+    """
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         yield lambda n: None
         return
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional
-        yield lambda n: None
-        return
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr) as bar:
-        yield bar.update
+    from tqdm import tqdm
+
+    unit, size = byte_unit(total)
+    counts = "{n:.2f}/{total:.2f} {unit}" if total is not None else "{n:.2f} {unit}"
+    with tqdm(
+        total=total / size if total is not None else None,
+        desc=desc,
+        unit=unit,
+        bar_format="{l_bar}{bar}| " + counts + " [{elapsed}<{remaining}, {rate_fmt}]",
+        file=sys.stderr,
+    ) as bar:
+        yield lambda n: bar.update(n / size)
+
+
+class LogFormatter(logging.Formatter):
+    """``torch-ucp: <message>``: one prefix, also for library messages that carry their own
+    ``torch_ucp:``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "torch-ucp: " + super().format(record).removeprefix("torch_ucp: ")
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: its message with line breaks folded (type name added when the
+    message alone may not say what failed)."""
+    summary = getattr(error, "summary", None)
+    text = summary if isinstance(summary, str) else str(error)
+    text = "; ".join(part.strip() for part in text.splitlines() if part.strip()) or repr(error)
+    if isinstance(error, (CommandError, CheckpointError)):
+        return text
+    return f"{type(error).__name__}: {text}"

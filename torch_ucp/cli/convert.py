@@ -31,9 +31,10 @@ from torch_ucp.cli.common import (
     progress,
     storage_options,
 )
-from torch_ucp.cli.inspect import human_bytes, plural
+from torch_ucp.cli.inspect import plural
 from torch_ucp.errors import CheckpointError, CheckpointExistsError
 from torch_ucp.interop.sources import open_source, select_keys
+from torch_ucp.sizes import human_bytes
 from torch_ucp.storage.builder import CheckpointBuilder
 
 

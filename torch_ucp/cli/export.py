@@ -44,9 +44,10 @@ from torch_ucp.cli.common import (
     progress,
     storage_options,
 )
-from torch_ucp.cli.inspect import human_bytes, plural
+from torch_ucp.cli.inspect import plural
 from torch_ucp.errors import CheckpointError
 from torch_ucp.interop.sources import CheckpointSource, open_source, select_keys
+from torch_ucp.sizes import human_bytes
 from torch_ucp.storage.store import Store
 from torch_ucp.storage.writer import tensor_bytes
 

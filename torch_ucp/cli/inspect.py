@@ -24,6 +24,7 @@ from torch_ucp.interop.sources import CheckpointSource, TensorInfo, open_source,
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.fields import placement_to_json
 from torch_ucp.metadata.schema import MeshInfo
+from torch_ucp.sizes import human_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,15 +64,6 @@ def _layout(t: TensorInfo) -> str:
 def plural(n: int, word: str, many: str | None = None) -> str:
     """``"1 value"``, ``"2 values"``."""
     return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def _mesh_json(mesh: MeshInfo | None) -> dict[str, Any] | None:

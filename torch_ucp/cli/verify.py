@@ -6,6 +6,8 @@ import argparse
 import json
 
 from torch_ucp.cli.common import add_storage_arguments, progress, storage_options
+from torch_ucp.errors import CheckpointError
+from torch_ucp.sizes import human_bytes
 from torch_ucp.storage.reader import load_metadata
 from torch_ucp.storage.store import Store
 from torch_ucp.verify import verify_checkpoint
@@ -21,8 +23,8 @@ def main(args: argparse.Namespace) -> int:
     options = storage_options(args)
     try:
         total = load_metadata(Store(args.url, options)).total_tensor_bytes
-    except Exception:  # noqa: BLE001 - verify_checkpoint reports it
-        total = None
+    except (CheckpointError, OSError):  # a damaged checkpoint: verify_checkpoint reports it
+        total = None  # (and any other error, e.g. an unreachable endpoint, ends here at once)
     with progress(args, total, "verify") as update:
         report = verify_checkpoint(args.url, progress=update, **options)
     if args.json:
@@ -33,6 +35,6 @@ def main(args: argparse.Namespace) -> int:
         status = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
         print(
             f"{status}: {args.url}: {report.tensors} tensors, {report.fragments} fragments, "
-            f"{report.values} values, {report.bytes_checked / 2**20:.1f} MiB checked"
+            f"{report.values} values, {human_bytes(report.bytes_checked)} checked"
         )
     return 0 if report.ok else 1

@@ -2,19 +2,57 @@
 
 Each rank's return value (JSON-serializable) is collected; an exception on any rank is
 re-raised in the parent with that rank's traceback.
+
+Ranks leave with :func:`exit_rank`, never through interpreter finalization. A gloo process
+group usually outlives ``destroy_process_group()`` (FSDP2 and DTensor state keep references),
+so its worker threads are still running at exit. A worker that has just finished a collective
+drops its tensors, which needs the GIL; if the main thread is finalizing by then, CPython ends
+the worker with ``pthread_exit`` inside a ``noexcept`` destructor, and C++ aborts the process
+(``terminate called without an active exception``, SIGABRT after the work succeeded; seen in a
+core dump: ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` ->
+``PyThread_exit_thread``, with the main thread in ``Py_FinalizeEx``). Skipping finalization
+removes that race; Python threads and ``atexit`` handlers still run first.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from torch_ucp import knobs
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this rank's process with ``code`` as a normal exit would, minus the finalization.
+
+    Does what the interpreter does first at exit: ``threading._shutdown()`` (its exit hooks,
+    e.g. stopping thread pools, then joining non-daemon threads; ``multiprocessing`` calls it
+    the same way when a child exits) and the ``atexit`` handlers; then flushes stdout and
+    stderr and calls ``os._exit``, so C++ threads of process groups still alive are not torn
+    down while they may need the GIL (see the module docstring).
+    """
+    try:
+        threading._shutdown()
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - reported as Python does at exit, then exit
+        traceback.print_exc()
+        code = code or 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple) -> None:
@@ -25,31 +63,47 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
         rank=rank,
         world_size=world_size,
     )
+    code = 1
     try:
         result = fn(*args)
         with open(os.path.join(workdir, f"result-{rank}.json"), "w") as f:
             json.dump(result, f)
+        code = 0
     except BaseException:
         with open(os.path.join(workdir, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
-        raise
     finally:
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        finally:
+            exit_rank(code)
 
 
 class RankFailedError(RuntimeError):
-    pass
+    """A rank failed; the message holds each failed rank's traceback (``--- rank N ---``)."""
+
+    @property
+    def summary(self) -> str:
+        """One line: each failed rank's final traceback line (the error itself)."""
+        parts = []
+        for block in str(self).split("--- rank ")[1:]:
+            rank, _, trace = block.partition(" ---\n")
+            lines = [line for line in trace.splitlines() if line.strip()]
+            parts.append(f"rank {rank}: {lines[-1] if lines else 'failed'}")
+        return "; ".join(parts) or str(self)
 
 
 def _start_method() -> str:
     """``forkserver`` with torch preloaded: ranks fork from a server that imported torch once
     (a fresh ``spawn`` re-imports it in every rank, seconds each on a small machine)."""
-    if "forkserver" not in mp.get_all_start_methods():
-        return "spawn"
-    mp.set_forkserver_preload(
-        ["torch", "torch.distributed.checkpoint", "torch.distributed.tensor", "torch_ucp"]
-    )
-    return "forkserver"
+    method = knobs.launch_start_method()
+    if method not in mp.get_all_start_methods():
+        method = "spawn"
+    if method == "forkserver":
+        mp.set_forkserver_preload(
+            ["torch", "torch.distributed.checkpoint", "torch.distributed.tensor", "torch_ucp"]
+        )
+    return method
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:

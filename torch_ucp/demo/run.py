@@ -167,6 +167,7 @@ def run_demo(out_dir: str, cfg: ModelConfig, steps: int, keep: bool = False) -> 
     ckpt = os.path.join(out_dir, f"step-{steps}")
     reference = os.path.join(out_dir, "reference.pt")
     if os.path.exists(ckpt):
+        print(f"torch_ucp demo: deleting the checkpoint of an earlier run at {ckpt}", flush=True)
         shutil.rmtree(ckpt)
     c = dataclasses.asdict(cfg)
     rows = []
@@ -213,6 +214,13 @@ def run_demo(out_dir: str, cfg: ModelConfig, steps: int, keep: bool = False) -> 
     return 1 if failed else 0
 
 
+def _say_what_is_kept(ckpt: str, kept: bool) -> None:
+    if kept:
+        print(f"\nkept the checkpoint at {ckpt}: try torch-ucp inspect {ckpt}")
+    else:
+        print(f"\ndeleted the checkpoint at {ckpt} (pass --keep, or --out DIR, to keep it)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default: a temp dir)")
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps before saving")
@@ -220,19 +228,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=ModelConfig.n_layers)
     parser.add_argument("--vocab", type=int, default=ModelConfig.vocab_size)
     parser.add_argument("--ffn-dim", type=int, default=ModelConfig.ffn_dim)
-    parser.add_argument("--keep", action="store_true", help="keep checkpoint and reference")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the checkpoint and the reference tensors (without --out, the temporary "
+        "folder holding them is deleted; with --out, the checkpoint stays and only the "
+        "reference is deleted)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, ffn_dim=args.ffn_dim)
     if args.out is not None:
-        return run_demo(args.out, cfg, args.steps, keep=args.keep)
+        code = run_demo(args.out, cfg, args.steps, keep=args.keep)
+        _say_what_is_kept(os.path.join(args.out, f"step-{args.steps}"), kept=True)
+        return code
     out = tempfile.mkdtemp(prefix="torch-ucp-demo-")
     try:
-        return run_demo(out, cfg, args.steps, keep=args.keep)
+        code = run_demo(out, cfg, args.steps, keep=args.keep)
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+    _say_what_is_kept(os.path.join(out, f"step-{args.steps}"), kept=args.keep)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

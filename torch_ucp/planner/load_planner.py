@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,10 +175,17 @@ class UCPLoadPlanner(DefaultLoadPlanner):
     padded, stacked and renamed parameters, and all their optimizer states, to the stored
     logical tensors.
 
+    Keys, as in DCP's :class:`DefaultLoadPlanner`: keys of the checkpoint absent from the target
+    are ignored (load the model alone from a model + optimizer checkpoint), and keys of the
+    target absent from the checkpoint raise :class:`~torch_ucp.errors.LoadPlanError` naming them.
+
     Args:
-        allow_partial_load: load a subset: keys of the target missing from the checkpoint are
-            left untouched and keys of the checkpoint absent from the target are ignored.
-            Otherwise either raises :class:`~torch_ucp.errors.LoadPlanError` naming the keys.
+        strict: also refuse keys of the checkpoint absent from the target (every saved key
+            must be loaded).
+        allow_missing: target keys absent from the checkpoint that are not errors (they keep
+            their current values): ``True`` for all, or shell patterns of keys (``"optim.*"``).
+        allow_partial_load: DCP's flag, kept as an alias of ``allow_missing=True`` (unexpected
+            keys are ignored anyway); cannot be combined with ``strict=True``.
         patterns: layout rules of the target state dict, strict (each must match). Default:
             those recorded in the checkpoint at save time, or else those of ``saved_patterns``
             (fused degrees then read from the target's mesh), without their renames and applied
@@ -195,6 +204,8 @@ class UCPLoadPlanner(DefaultLoadPlanner):
     def __init__(
         self,
         *,
+        strict: bool = False,
+        allow_missing: bool | str | Sequence[str] = False,
         allow_partial_load: bool = False,
         patterns: list[Any] | None = None,
         saved_patterns: list[Any] | None = None,
@@ -203,13 +214,32 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         allow_pickle: bool = False,
     ) -> None:
         self.allow_pickle = bool(allow_pickle)
+        if allow_partial_load:
+            if strict:
+                raise ValueError(
+                    "UCPLoadPlanner: allow_partial_load=True allows keys missing from the "
+                    "checkpoint; combine strict=True with allow_missing=True instead"
+                )
+            allow_missing = True
         super().__init__(
             flatten_state_dict=flatten_state_dict,
             flatten_sharded_tensors=flatten_sharded_tensors,
-            allow_partial_load=allow_partial_load,
+            allow_partial_load=allow_missing is True,
+        )
+        self.strict = strict
+        self.allow_missing: bool | tuple[str, ...] = (
+            (allow_missing,) if isinstance(allow_missing, str)
+            else allow_missing if isinstance(allow_missing, bool)
+            else tuple(allow_missing)
         )
         self.patterns = patterns
         self.saved_patterns = saved_patterns
+
+    def _may_miss(self, fqn: str) -> bool:
+        """Whether ``allow_missing`` lets target key ``fqn`` be absent from the checkpoint."""
+        if isinstance(self.allow_missing, bool):
+            return self.allow_missing
+        return any(fnmatch.fnmatchcase(fqn, p) for p in self.allow_missing)
 
     def set_up_planner(
         self,
@@ -267,13 +297,19 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             saved_set.check_used(str(checkpoint))
         except PatternError as e:
             raise LoadPlanError(f"cannot load {checkpoint}: {e}") from None
-        missing = [fqn for fqn, reason in problems if reason == "missing"]
+        missing = [fqn for fqn, reason in problems if reason == "missing" and not self._may_miss(fqn)]
         problems = [reason for _, reason in problems if reason != "missing"]
-        if missing and not self.allow_partial_load:
-            problems.insert(0, f"missing from {checkpoint}: {_listing(missing)}")
+        if missing:
+            problems.insert(0, (
+                f"missing from {checkpoint}: {_listing(missing)} (pass allow_missing=True, or "
+                "allow_missing=[patterns], to leave them as they are)"
+            ))
         unexpected = [k for k in self.metadata.state_dict_metadata if k not in used]
-        if unexpected and not self.allow_partial_load:
-            problems.append(f"in {checkpoint} but not in the target state dict: {_listing(unexpected)}")
+        if unexpected and self.strict:
+            problems.append(
+                f"in {checkpoint} but not in the target state dict: {_listing(unexpected)} "
+                "(strict=True refuses them; without it they are ignored)"
+            )
         if problems:
             raise LoadPlanError(
                 f"cannot load {checkpoint} into this state dict:\n  " + "\n  ".join(problems)

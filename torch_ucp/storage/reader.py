@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch_ucp.metadata.header import decode_metadata
 from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store
+from torch_ucp.storage.transfer_log import log_load
 from torch_ucp.storage.values import decode_value
 
 
@@ -211,6 +213,7 @@ class UCPReader(StorageReader):
     ) -> None:
         if isinstance(metadata.storage_data, FragmentCatalog):
             self._catalog = metadata.storage_data
+        self._started = time.monotonic()  # for the INFO line of the load (transfer_log)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -255,6 +258,7 @@ class UCPReader(StorageReader):
             threads=self.threads,
         )
         self.stats.add(reader.read(reads))
+        log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut

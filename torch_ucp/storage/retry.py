@@ -4,7 +4,9 @@ Object stores fail transiently (HTTP 500/503 SlowDown, throttling, connections d
 mid-body, timeouts); s3fs and botocore retry some of these themselves, but not all (a GET body
 cut mid-way, a failed multipart part). torch_ucp wraps whole operations (a ranged read, a data
 object upload, the metadata PUT) in :func:`retry`, bounded in attempts and in time. Permanent
-errors (missing objects, permission denied, corrupt data, local-disk errors) fail at once.
+errors (missing objects, permission denied, corrupt data, local-disk errors) fail at once, and
+so does an endpoint that cannot be reached at all (connection refused, unknown host): a wrong
+``endpoint_url`` is not worth minutes of retries.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -64,22 +67,44 @@ def _error_code(exc: BaseException) -> str | None:
     return None
 
 
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and what it wraps (``__cause__``/``__context__``, aiohttp's ``os_error``)."""
+    out: list[BaseException] = []
+    while exc is not None and len(out) < 8:
+        out.append(exc)
+        os_error = getattr(exc, "os_error", None)
+        if isinstance(os_error, BaseException) and os_error is not exc:
+            out.append(os_error)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the endpoint cannot be reached at all: connection refused or a
+    host name that does not resolve (a temporary DNS failure, ``EAI_AGAIN``, is transient)."""
+    for e in _causes(exc):
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        if isinstance(e, socket.gaierror) and e.errno != socket.EAI_AGAIN:
+            return True
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the operation that raised ``exc`` may succeed."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, (FileNotFoundError, PermissionError, CheckpointError)):
+    if is_unreachable(exc):
+        return False
+    for e in _causes(exc):
+        if isinstance(e, (FileNotFoundError, PermissionError, CheckpointError)):
             return False
-        if isinstance(exc, (TimeoutError, ConnectionError)):
+        if isinstance(e, (TimeoutError, ConnectionError)):
             return True
-        if any(t.__name__ in _TRANSIENT_NAMES for t in type(exc).__mro__):
+        if any(t.__name__ in _TRANSIENT_NAMES for t in type(e).__mro__):
             return True
-        if _error_code(exc) in _TRANSIENT_CODES:
+        if _error_code(e) in _TRANSIENT_CODES:
             return True
-        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
     return False
 
 

@@ -53,6 +53,7 @@ from torch_ucp.storage import commit
 from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.store import Store
+from torch_ucp.storage.transfer_log import log_save
 from torch_ucp.storage.values import TORCH_SAVE, encode_value
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class UCPWriter(StorageWriter):
         if self.store is None:
             raise CheckpointError("UCPWriter needs a URL: UCPWriter(url) or dcp.save(checkpoint_id=)")
         self.is_coordinator = is_coordinator
+        self._started = time.monotonic()  # for the INFO line of the save (transfer_log)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -338,6 +340,7 @@ class UCPWriter(StorageWriter):
         self.metadata = meta
         commit.remove_stale(self.store, meta.save_id)
         compact_broadcast(metadata, meta, header, self.store)
+        log_save(self.store.url, meta.save_id, results, getattr(self, "_started", None))
 
     @contextlib.contextmanager
     def _removed_on_failure(self, save_id: str) -> Iterator[None]:
