@@ -52,6 +52,15 @@ class Fields:
             raise self.fail(where, f"{key!r} must be in [0, {upper}), got {value}")
         return value
 
+    def hex64(self, d: Any, key: str, where: str) -> int | None:
+        """An optional 64-bit value written as 16 lowercase hex digits."""
+        value = self.get(d, key, where, str, optional=True)
+        if value is None:
+            return None
+        if len(value) != 16 or any(c not in "0123456789abcdef" for c in value):
+            raise self.fail(where, f"{key!r} must be 16 lowercase hex digits, got {value!r:.80}")
+        return int(value, 16)
+
     def ints(self, value: Any, where: str, *, upper: int = 2**62, lower: int = 0) -> tuple[int, ...]:
         if not isinstance(value, list) or any(type(v) is not int or not lower <= v < upper for v in value):
             raise self.fail(where, f"expected a list of integers in [{lower}, {upper}), got {value!r:.80}")

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from torch_ucp.errors import CorruptCheckpointError, UnsupportedFormatError
+from torch_ucp.metadata import content_hash
 from torch_ucp.metadata.checksums import crc32c
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.fields import Fields, mesh_to_json, placement_to_json, stored_to_json
@@ -53,6 +54,8 @@ def tensor_to_json(t: TensorEntry) -> dict[str, Any]:
         }
     if t.writers is not None:
         entry["writers"] = list(t.writers)
+    if t.content_hash is not None:
+        entry["content_hash"] = content_hash.to_hex(t.content_hash)
     return entry
 
 
@@ -79,6 +82,11 @@ def encode_header(meta: CheckpointMetadata) -> bytes:
             fqn: {"encoding": v.encoding, **stored_to_json(v.data), "rank": v.rank}
             for fqn, v in meta.values.items()
         },
+        **(
+            {"content_hash": {"algorithm": content_hash.ALGORITHM}}
+            if any(t.content_hash is not None for t in meta.tensors.values())
+            else {}
+        ),
         "indexes": {
             "ranks": [i.rank for i in meta.indexes],
             "bytes": [i.nbytes for i in meta.indexes],
@@ -148,6 +156,8 @@ def _from_v2(d: dict[str, Any], f: Fields) -> CheckpointMetadata:
         raise f.fail("save_id", f"{save_id!r:.80} is not a save id")
     world = f.count(d, "world_size", "world_size", upper=2**31)
     meshes = [f.mesh(m, f"meshes[{i}]") for i, m in enumerate(f.get(d, "meshes", "meshes", list))]
+    hashing = f.get(d, "content_hash", "content_hash", dict, optional=True)
+    known_hash = hashing is not None and hashing.get("algorithm") == content_hash.ALGORITHM
     tensors = {}
     for fqn, t in f.get(d, "tensors", "tensors", dict).items():
         where = f"tensor {fqn!r}"
@@ -170,6 +180,7 @@ def _from_v2(d: dict[str, Any], f: Fields) -> CheckpointMetadata:
             placements=placements,
             dim_map=f.dim_map(dim_map, where + ".dim_map", shape) if dim_map is not None else None,
             writers=f.ints(writers, where + ".writers", upper=max(world, 1)) if writers is not None else None,
+            content_hash=f.hex64(t, "content_hash", where) if known_hash else None,
         )
     values = {
         fqn: f.value(fqn, v, f.object_name(f.get(v, "object", f"value {fqn!r}", str), f"value {fqn!r}"))

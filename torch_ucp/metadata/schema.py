@@ -158,6 +158,8 @@ class TensorEntry:
         writers: the ranks whose fragment indexes hold this tensor's rows, where they cannot
             be derived from ``mesh`` + ``placements`` (plain tensors, irregular layouts); ``None``
             when derived (see :mod:`torch_ucp.metadata.routing`).
+        content_hash: the layout-independent hash of the tensor's contents
+            (:mod:`torch_ucp.metadata.content_hash`), or ``None`` where the save recorded none.
     """
 
     fqn: str
@@ -168,6 +170,7 @@ class TensorEntry:
     placements: tuple[PlacementInfo, ...] | None = None
     dim_map: DimMap | None = None
     writers: tuple[int, ...] | None = None
+    content_hash: int | None = None
 
     @property
     def nbytes(self) -> int:

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from torch_ucp.errors import CheckpointError, CheckpointExistsError
 from torch_ucp.metadata.checksums import BlockGrid, crc32c
+from torch_ucp.metadata.content_hash import bytes_hash
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.header import encode_header
 from torch_ucp.metadata.index import encode_index
@@ -165,9 +166,12 @@ class CheckpointBuilder:
         except ValueError as e:
             raise ValueError(f"{fqn}: {e}") from None
         data = tensor_bytes(tensor)
-        stored = self._append(data, self._writer.block_grid(tuple(tensor.shape), tensor.dtype.itemsize))
-        del data
         shape = tuple(tensor.shape)
+        stored = self._append(data, self._writer.block_grid(shape, tensor.dtype.itemsize))
+        digest = None
+        if self._writer.content_hash:
+            digest = bytes_hash(data, tensor.dtype.itemsize, (0,) * len(shape), shape, shape)
+        del data
         self._written.append((fqn, shape, stored))
         self._layout.flatten_mapping[fqn] = list(path) if path is not None else [fqn]
         recorded = mesh is not None and placements is not None
@@ -181,6 +185,7 @@ class CheckpointBuilder:
             mesh=self._layout.mesh_id(mesh) if recorded else None,
             placements=tuple(placements) if recorded else None,
             writers=(0,),
+            content_hash=digest,
         )
         return stored
 

@@ -31,6 +31,7 @@ from torch.futures import Future
 from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CommitConflictError, UnsafeCheckpointError
 from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid, crc32c
+from torch_ucp.metadata.content_hash import PartialHashes, bytes_hash
 from torch_ucp.metadata.fragments import FragmentRows, tensor_key
 from torch_ucp.metadata.header import encode_header
 from torch_ucp.metadata.index import encode_index
@@ -76,13 +77,21 @@ class _RankAssignment:
 @dataclass
 class RankWritten:
     """What one rank reports to the coordinator after writing (DCP gathers it): its fragment
-    index and the values it wrote. No per-fragment object crosses the wire."""
+    index, the values it wrote and the content hashes of the tensors it wrote fragments of. No
+    per-fragment object crosses the wire."""
 
     rank: int
     index: IndexRef | None
     values: list[ValueEntry] = field(default_factory=list)
     bytes_written: int = 0
     objects: dict[str, int] = field(default_factory=dict)  # every object written -> its size
+    hashes: PartialHashes | None = None  # None: this rank computed none
+
+
+_Written = tuple[WriteItem, StoredBytes, "str | None", "int | None"]
+"""Per written item: where its bytes went, its value encoding (values), its partial content
+hash (tensors, when hashed)."""
+_MASK64 = (1 << 64) - 1
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -135,6 +144,9 @@ class UCPWriter(StorageWriter):
         allow_pickle: store values that have no pickle-free encoding with ``torch.save``
             (default: refuse them, naming the key and the type). Loading them then needs
             ``allow_pickle=True`` too.
+        content_hash: record each tensor's layout-independent content hash in the header
+            (:mod:`torch_ucp.metadata.content_hash`; checked by ``verify_load=True`` and
+            ``torch-ucp verify --logical``). Default on (``TORCH_UCP_CONTENT_HASH``).
         **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ``anon=`` ...).
     """
 
@@ -147,11 +159,14 @@ class UCPWriter(StorageWriter):
         checksum_block_bytes: int | None = None,
         checksum_block_width: int | None = None,
         allow_pickle: bool = False,
+        content_hash: bool | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__()
         _check_flag("overwrite", overwrite)
         _check_flag("allow_pickle", allow_pickle)
+        content_hash = knobs.content_hash() if content_hash is None else content_hash
+        _check_flag("content_hash", content_hash)
         if threads is not None:
             _check_int("threads", threads, 1, 1024)
         block_bytes = _check_int(
@@ -168,6 +183,7 @@ class UCPWriter(StorageWriter):
         self.store = Store(url, storage_options) if url is not None else None
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
+        self.content_hash = content_hash
         self._threads = threads
         self.checksum_block_bytes = block_bytes
         self.checksum_block_width = block_width
@@ -235,7 +251,7 @@ class UCPWriter(StorageWriter):
         folder = f"{DATA_PREFIX}{assignment.save_id}"
         bins = _balance(list(plan.items), max(1, min(self.threads, len(plan.items))))
 
-        def write_object(k: int, items: list[WriteItem]) -> list[tuple[WriteItem, StoredBytes, str | None]]:
+        def write_object(k: int, items: list[WriteItem]) -> list[_Written]:
             rel = data_object_name(assignment.save_id, rank, k)
             return self.store.retrying(
                 lambda: self._write_object(rel, items, planner),
@@ -252,7 +268,8 @@ class UCPWriter(StorageWriter):
                     written = [r for f in futures for r in f.result()]
             report = RankWritten(rank, None)
             tensors = []
-            for item, stored, encoding in written:
+            hashes: dict[str, int] = {}
+            for item, stored, encoding, digest in written:
                 end = stored.byte_offset + stored.byte_length
                 report.objects[stored.object] = max(report.objects.get(stored.object, 0), end)
                 if encoding is not None:
@@ -260,6 +277,10 @@ class UCPWriter(StorageWriter):
                 else:
                     chunk = item.tensor_data.chunk
                     tensors.append((item.index.fqn, chunk.offsets, chunk.sizes, stored))
+                    if digest is not None:
+                        hashes[item.index.fqn] = (hashes.get(item.index.fqn, 0) + digest) & _MASK64
+            if self.content_hash:
+                report.hashes = PartialHashes.of(hashes)
             if tensors:
                 keys, rows = index_rows(tensors, rank)
                 blob = encode_index(rank, keys, rows, self.checksum_block_bytes, self.checksum_block_width)
@@ -269,16 +290,15 @@ class UCPWriter(StorageWriter):
                 report.objects[name] = len(blob)
             if bins:
                 self.store.fsync_dir(folder)
-        report.bytes_written = self.bytes_written = sum(s.byte_length for _, s, _ in written)
+        report.bytes_written = self.bytes_written = sum(w[1].byte_length for w in written)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result([WriteResult(MetadataIndex(RANK_RESULT), report.bytes_written, report)])
         return fut
 
-    def _write_object(
-        self, rel: str, items: list[WriteItem], planner: SavePlanner
-    ) -> list[tuple[WriteItem, StoredBytes, str | None]]:
+    def _write_object(self, rel: str, items: list[WriteItem], planner: SavePlanner) -> list[_Written]:
         """Stream ``items`` into one data object; on failure abort it (retries rewrite it).
-        Returns, per item, where its bytes went and (values) their encoding."""
+        Returns, per item, where its bytes went, (values) their encoding and (tensors, with
+        ``content_hash``) the fragment's partial content hash."""
         assert self.store is not None
         results = []
         stream = ObjectStream(self.store, rel, ITEM_ALIGNMENT)
@@ -286,7 +306,11 @@ class UCPWriter(StorageWriter):
             for item in items:
                 data, encoding, grid = self._item_bytes(item, planner)
                 stored = stream.append(data, grid, self.checksum_algorithm)
-                results.append((item, stored, encoding))
+                digest = None
+                if self.content_hash and encoding is None:
+                    td = item.tensor_data
+                    digest = bytes_hash(data, td.properties.dtype.itemsize, td.chunk.offsets, td.chunk.sizes, td.size)
+                results.append((item, stored, encoding, digest))
             stream.close()
         except BaseException:
             stream.abort()
@@ -438,10 +462,17 @@ def checkpoint_metadata(
     missing = [fqn for fqn in layout.flatten_mapping if fqn not in layout.tensors and fqn not in values]
     if missing:
         raise CheckpointError(f"no rank reported writing value(s) {missing[:10]}; nothing was committed")
+    tensors = layout.tensors
+    if reports and all(r.hashes is not None for r in reports if r.index is not None):
+        totals = PartialHashes.total([r.hashes for r in reports if r.hashes is not None])
+        tensors = {
+            fqn: dataclasses.replace(t, content_hash=totals.get(tensor_key(fqn), 0))
+            for fqn, t in tensors.items()
+        }
     return CheckpointMetadata(
         save_id=save_id,
         world_size=world_size,
-        tensors=layout.tensors,
+        tensors=tensors,
         values=values,
         meshes=layout.meshes,
         flatten_mapping=layout.flatten_mapping,
