@@ -37,7 +37,7 @@ from torch_ucp import (
     open_checkpoint,
 )
 from torch_ucp.storage import commit
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import Store, open_store
 from torch_ucp.verify import verify_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -107,7 +107,7 @@ def _race(base_url: str, options: dict, user_folder, size: tuple[int, int]) -> d
                 user_folder(url)
                 committed = None
             overwrite = not fresh or trial % 2 == 1
-            store = Store(url, options)
+            store = open_store(url, options)
             seeds = (1000 + 2 * trial, 1001 + 2 * trial)
             first = rng.randrange(2)
             at = time.time() + 0.02
@@ -142,7 +142,7 @@ def test_two_jobs_saving_to_one_local_url(tmp_path):
 
 def test_two_jobs_saving_to_one_s3_url(s3_bucket):
     url, options = s3_bucket
-    fs = Store(url, options).fs
+    fs = open_store(url, options).fs
 
     def user_folder(u: str) -> None:
         fs.pipe(u.removeprefix("s3://") + "/data-raw/notes.txt", b"mine")
@@ -172,9 +172,9 @@ def test_cleanup_removes_only_its_own_data(where, tmp_path, request):
         url = f"{bucket}/ckpt"
     else:
         url, options = str(tmp_path / "ckpt"), {}
-    store = Store(url, options)
+    store = open_store(url, options)
     for rel, data in _foreign_entries(url).items():
-        if store.is_local:
+        if store.posix:
             os.makedirs(os.path.dirname(store.path(rel)), exist_ok=True)
         store.write_atomic(rel, data)
     for seed in range(3):
@@ -227,7 +227,7 @@ def test_knob_values_are_validated_too(tmp_path, monkeypatch):
 # -- the protocol step by step -----------------------------------------------------------------
 def test_publish_fails_cleanly_when_the_data_was_removed(tmp_path):
     url = str(tmp_path / "ckpt")
-    store = Store(url)
+    store = open_store(url)
     commit.begin(store, "20260101T000000-00000001", overwrite=False)
     shutil.rmtree(os.path.join(url, "data-20260101T000000-00000001"))
     with pytest.raises(CommitConflictError, match="was removed"):
@@ -238,7 +238,7 @@ def test_publish_fails_cleanly_when_the_data_was_removed(tmp_path):
 def test_commit_is_conditional_on_what_the_save_started_from(tmp_path):
     """Both saves start from an empty URL: the second to publish fails, whatever overwrite."""
     url = str(tmp_path / "ckpt")
-    store = Store(url)
+    store = open_store(url)
     a, b, c = "20260101T000000-0000000a", "20260101T000000-0000000b", "20260101T000000-0000000c"
     for sid in (a, b, c):
         commit.begin(store, sid, overwrite=True)
@@ -261,7 +261,7 @@ def test_cleanup_from_an_outdated_commit_spares_live_saves(tmp_path):
     """Commits a -> b; save x started before b (dead once b commits), save s after b (live).
     Cleanup seen from b removes a and x; seen from an outdated a, or from b, never s or b."""
     url = str(tmp_path / "ckpt")
-    store = Store(url)
+    store = open_store(url)
     a, b, s, x = (f"20260101T000000-0000000{c}" for c in "ab5e")
     commit.begin(store, a, overwrite=True)
     commit.publish(store, a, b"{}", overwrite=True)

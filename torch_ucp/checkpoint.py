@@ -13,7 +13,7 @@ from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
 from torch_ucp.planner.boxes import intersect
 from torch_ucp.storage.reader import open_catalog, read_object
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import Store, open_store
 
 Index = int | slice | Sequence[int | slice] | None
 
@@ -195,5 +195,5 @@ def open_checkpoint(
         ckpt.keys(); ckpt.shape("model.tok_embeddings.weight")
         rows = ckpt.read("model.tok_embeddings.weight", (slice(0, 16),))
     """
-    store = Store(url, storage_options, follow_symlinks=follow_symlinks)
+    store = open_store(url, storage_options, follow_symlinks=follow_symlinks)
     return Checkpoint(store, open_catalog(store), verify=verify, allow_pickle=allow_pickle)

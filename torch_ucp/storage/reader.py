@@ -23,7 +23,7 @@ from torch_ucp.metadata.dcp import CatalogStateDict, catalog_metadata
 from torch_ucp.metadata.header import decode_metadata
 from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.transfer_log import log_load
 from torch_ucp.storage.values import decode_value
 
@@ -183,7 +183,7 @@ class UCPReader(StorageReader):
         return self.store.url if self.store is not None else None
 
     def _store(self, url: str | os.PathLike) -> Store:
-        return Store(url, self.storage_options, follow_symlinks=self.follow_symlinks)
+        return open_store(url, self.storage_options, follow_symlinks=self.follow_symlinks)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:

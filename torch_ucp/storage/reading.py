@@ -537,7 +537,7 @@ class FragmentReader:
         """Many small ranges of a local file: copy them straight out of a memory map (one
         strided copy instead of a syscall per range). Needs element-aligned fragments."""
         return (
-            self.store.is_local
+            self.store.posix
             and len(job.ranges) > 1
             and job.read.data.byte_offset % job.read.dtype.itemsize == 0
         )

@@ -52,7 +52,7 @@ from torch_ucp.planner.save_planner import PlannerData
 from torch_ucp.storage import commit
 from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.transfer_log import log_save
 from torch_ucp.storage.values import TORCH_SAVE, encode_value
 
@@ -165,7 +165,7 @@ class UCPWriter(StorageWriter):
             ITEM_SIZE_MAX, block_bytes, multiple=ITEM_SIZE_MAX,
         )
         self.storage_options = storage_options
-        self.store = Store(url, storage_options) if url is not None else None
+        self.store = open_store(url, storage_options) if url is not None else None
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self._threads = threads
@@ -183,8 +183,7 @@ class UCPWriter(StorageWriter):
         """Writer threads (= data objects) per rank: 2 on local disk, 8 on object stores."""
         if self._threads:
             return self._threads
-        local = self.store is None or self.store.is_local
-        return knobs.write_threads() if local else knobs.remote_write_threads()
+        return self.store.default_write_threads if self.store is not None else knobs.write_threads()
 
     @property
     def url(self) -> str | None:
@@ -197,7 +196,7 @@ class UCPWriter(StorageWriter):
     # -- StorageWriter protocol ---------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
-            self.store = Store(checkpoint_id, self.storage_options)
+            self.store = open_store(checkpoint_id, self.storage_options)
         self.save_id = None
         self.bytes_written = 0
 
