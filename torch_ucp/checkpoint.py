@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from torch_ucp.errors import KeyNotFoundError
 from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
 from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
 from torch_ucp.planner.boxes import intersect
@@ -105,7 +106,7 @@ class Checkpoint:
             return self.metadata.tensors[fqn]
         except KeyError:
             kind = "a non-tensor value" if fqn in self.metadata.values else "not in the checkpoint"
-            raise KeyError(f"{fqn!r} is {kind} ({self.url})") from None
+            raise KeyNotFoundError(f"{fqn!r} is {kind} ({self.url})") from None
 
     def fragments(self, fqn: str) -> list[Fragment]:
         """Every fragment of tensor ``fqn`` (boxes, data objects, byte ranges, writer ranks),

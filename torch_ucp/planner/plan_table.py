@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
+from torch_ucp.errors import SavePlanError
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.fields import mesh_to_json, placement_to_json
 from torch_ucp.metadata.schema import DimMap, MeshInfo, PlacementInfo
@@ -223,7 +224,7 @@ class WriterAssignment:
 
     def select(self, items: Sequence[WriteItem]) -> list[WriteItem]:
         if len(items) != len(self.keep):
-            raise RuntimeError(
+            raise SavePlanError(
                 f"the global plan assigns {len(self.keep)} items but this rank planned "
                 f"{len(items)}; was the planner reused across saves?"
             )

@@ -29,11 +29,12 @@ from torch.distributed.checkpoint.planner_helpers import (
 from torch.distributed.tensor import DTensor
 
 from torch_ucp import _compat
+from torch_ucp.errors import PatternError, SavePlanError
 from torch_ucp.metadata.dtypes import name_to_dtype
 from torch_ucp.metadata.placements import mesh_info, whole_box
 from torch_ucp.metadata.provenance import UCP_KEY, save_info
 from torch_ucp.metadata.schema import DimMap, SaveLayout, TensorEntry
-from torch_ucp.patterns.engine import PatternError, PatternSet, dim_map_for, logical_shape, map_box
+from torch_ucp.patterns.engine import PatternSet, dim_map_for, logical_shape, map_box
 from torch_ucp.planner.global_plan import GlobalPlan, StateDictMetadata, plan_globally
 from torch_ucp.planner.layout import Box, dtensor_boxes, narrow, placements_of
 from torch_ucp.planner.plan_table import (
@@ -124,7 +125,7 @@ class UCPSavePlanner(DefaultSavePlanner):
         index map if one applies, and its write items: one per exact box of the logical tensor
         this rank holds (boxes mapped through a fused/padded pattern if one applies)."""
         if obj.device.type == "meta":
-            raise ValueError(f"{fqn}: cannot save a tensor on the meta device")
+            raise SavePlanError(f"{fqn}: cannot save a tensor on the meta device")
         if isinstance(obj, DTensor):
             boxes = dtensor_boxes(fqn, obj)
             kind = WriteItemType.SHARD
