@@ -12,7 +12,7 @@ from torch_ucp.errors import KeyNotFoundError
 from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
 from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
 from torch_ucp.planner.boxes import intersect
-from torch_ucp.storage.reader import open_catalog, read_object
+from torch_ucp.storage.reader import open_catalog, read_value
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store, open_store
 
@@ -129,7 +129,7 @@ class Checkpoint:
         if fqn in self.metadata.values:
             if index is not None:
                 raise IndexError(f"{fqn!r} is a non-tensor value and cannot be sliced")
-            return read_object(
+            return read_value(
                 self.store, self.metadata.values[fqn], self.metadata, self.verify,
                 allow_pickle=self.allow_pickle,
             )

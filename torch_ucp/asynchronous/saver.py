@@ -439,7 +439,7 @@ class _SaveJob:
     def set_planner(self, planner: SavePlanner, prepared: PreparedState) -> None:
         streamed = {id(leaf.source): leaf for leaf in prepared.leaves if not leaf.pooled}
         if streamed:
-            self.streaming = StreamingPlanner(planner, streamed, on_release=self.handle._mark_staged)
+            self.streaming = StreamingPlanner.around(planner, streamed, on_release=self.handle._mark_staged)
             planner = self.streaming
         self.planner = planner
 
