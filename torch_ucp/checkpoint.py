@@ -71,13 +71,7 @@ class Checkpoint:
         self.verify = normalize_verify(verify)
         self.allow_pickle = bool(allow_pickle)
         self.stats = ReadStats()
-        self._reader = FragmentReader(
-            store,
-            verify=self.verify,
-            checksum_algorithm=catalog.meta.checksum_algorithm,
-            block_bytes=catalog.meta.checksum_block_bytes,
-            block_width=catalog.meta.checksum_block_width,
-        )
+        self._reader = FragmentReader.for_checkpoint(store, catalog.meta, verify=self.verify)
 
     @property
     def metadata(self) -> CheckpointMetadata:

@@ -91,13 +91,7 @@ def verify_checkpoint(
                 f"{catalog.names[int(rows.tensor[i])]}: fragment at {list(f.offsets)} needs bytes up to "
                 f"{int(ends[i])} of {store.describe(name)}, which has {sizes[name]}"
             )
-    reader = FragmentReader(
-        store,
-        verify=True,
-        checksum_algorithm=meta.checksum_algorithm,
-        block_bytes=meta.checksum_block_bytes,
-        block_width=meta.checksum_block_width,
-    )
+    reader = FragmentReader.for_checkpoint(store, meta)
     batch: list[BoxRead] = []
     batch_bytes = 0
 

@@ -72,9 +72,8 @@ Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
 
 def default_max_staging_bytes() -> int | None:
     """The knob ``TORCH_UCP_MAX_STAGING_BYTES`` (unset or 0: no bound)."""
-    knob = getattr(knobs, "max_staging_bytes", None)
-    value = knob() if knob is not None else int(os.environ.get(MAX_STAGING_BYTES_ENV) or 0)
-    return value if value and value > 0 else None
+    value = knobs.max_staging_bytes()
+    return value if value > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
@@ -504,7 +503,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         """Place a decoded non-tensor value (torch_ucp readers decode without pickle)."""
         fqn = read_item.dest_index.fqn
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], value)
+            _compat.set_element(self.original_state_dict, self.mappings[fqn], value)
         else:
             # self.state_dict may be a copy (sharded-tensor flattening); write the caller's dict
             self.original_state_dict[fqn] = value

@@ -23,10 +23,6 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.checkpoint.planner_helpers import (
-    _create_write_item_for_bytesio,
-    _create_write_items,
-)
 from torch.distributed.tensor import DTensor
 
 from torch_ucp import _compat
@@ -151,9 +147,9 @@ class UCPSavePlanner(DefaultSavePlanner):
                 table.add_tensor(name, obj.dtype, size, layout, self.mappings.get(fqn), dmap)
                 items.extend(tensor_items)
             elif isinstance(obj, torch.Tensor) or hasattr(obj, "__create_write_items__"):
-                items.extend(_create_write_items(fqn, obj))  # ShardedTensor and friends
+                items.extend(_compat.create_write_items(fqn, obj))  # ShardedTensor and friends
             else:
-                items.append(_create_write_item_for_bytesio(name, obj))
+                items.append(_compat.create_write_item_for_bytes(name, obj))
         self.patterns.check_used("the state dict being saved")
         paths = {names.get(k, k): v for k, v in self.mappings.items()}
         self.plan = SavePlan(

@@ -250,14 +250,7 @@ class UCPReader(StorageReader):
                     on_done=commit_callback(planner, item, planner_lock),
                 )
             )
-        reader = FragmentReader(
-            self.store,
-            verify=self.verify,
-            checksum_algorithm=meta.checksum_algorithm,
-            block_bytes=meta.checksum_block_bytes,
-            block_width=meta.checksum_block_width,
-            threads=self.threads,
-        )
+        reader = FragmentReader.for_checkpoint(self.store, meta, verify=self.verify, threads=self.threads)
         self.stats.add(reader.read(reads))
         log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
         fut: Future[None] = Future()
