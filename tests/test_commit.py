@@ -20,18 +20,16 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from tests.support.dcp_io import save_plain as _save
 from tests.support.save_jobs import Outcome, SaveJob, job_state
 from torch_ucp import (
     CheckpointExistsError,
     CommitConflictError,
-    UCPSavePlanner,
     UCPWriter,
     UnsafeCheckpointError,
     open_checkpoint,
@@ -44,14 +42,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 TRIALS = 30
 CLEAN_FAILURES = {"CommitConflictError", "CheckpointExistsError"}
-
-
-def _save(url: str, state: dict, **writer_kwargs) -> UCPWriter:
-    writer = UCPWriter(url, **writer_kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, storage_writer=writer, planner=UCPSavePlanner(), no_dist=True)
-    return writer
 
 
 def _data_folders(store: Store) -> set[str]:
