@@ -247,6 +247,31 @@ def test_commit_is_conditional_on_what_the_save_started_from(tmp_path):
     assert commit.read_marker(store, d)["base"]["save_id"] == a
 
 
+@pytest.mark.parametrize("overwrite, error", [(False, CheckpointExistsError), (True, CommitConflictError)])
+def test_a_save_whose_folder_is_removed_while_it_begins_fails_cleanly(tmp_path, overwrite, error):
+    """Save b finds an empty URL and starts creating its folder; save a commits right then and
+    its cleanup removes b's folder (b can never commit). b's begin raises the conflict as a
+    torch_ucp error (it was a bare FileNotFoundError once) and leaves nothing behind."""
+    url = str(tmp_path / "ckpt")
+    store = open_store(url)
+    a, b = "20260101T000000-0000000a", "20260101T000000-0000000b"
+    commit.begin(store, a, overwrite=overwrite)
+    write_atomic = store.write_atomic
+
+    def commit_a_after_b_marks_its_folder(rel: str, data: bytes) -> None:
+        write_atomic(rel, data)
+        if rel.startswith(commit.data_folder(b)):
+            commit.publish(store, a, b'{"save_id": "a"}', overwrite=overwrite)
+            assert commit.remove_stale(store, a) == [commit.data_folder(b) + commit.INCOMING]
+
+    store.write_atomic = commit_a_after_b_marks_its_folder
+    with pytest.raises(error, match=f"save {b} .*save {a}"):
+        commit.begin(store, b, overwrite=overwrite)
+    store.write_atomic = write_atomic
+    assert commit.current(store).save_id == a
+    assert _data_folders(store) == {commit.data_folder(a)}
+
+
 def test_cleanup_from_an_outdated_commit_spares_live_saves(tmp_path):
     """Commits a -> b; save x started before b (dead once b commits), save s after b (live).
     Cleanup seen from b removes a and x; seen from an outdated a, or from b, never s or b."""
