@@ -129,6 +129,7 @@ def load(
     allow_missing: bool | str | Sequence[str] = False,
     planner: LoadPlanner | None = None,
     verify: bool | str = True,
+    verify_load: bool = False,
     process_group: dist.ProcessGroup | None = None,
     **options: Any,
 ) -> None:
@@ -150,6 +151,9 @@ def load(
         planner: a load planner instead of ``UCPLoadPlanner(strict=..., allow_missing=...)``
             (e.g. with ``patterns=``); then ``strict`` and ``allow_missing`` are its own.
         verify: checksum verification, as :class:`~torch_ucp.UCPReader`'s ``verify``.
+        verify_load: after the load, check that every tensor loaded equals what was saved,
+            whatever the layouts (:class:`~torch_ucp.ContentMismatchError` names those that
+            differ; one all-reduce, plus hashing the loaded bytes once).
         process_group: ranks taking part (default: the whole world).
         **options: :class:`~torch_ucp.UCPReader` options (``threads``) and fsspec storage
             options.
@@ -160,7 +164,7 @@ def load(
         raise ValueError(
             "torch_ucp.load: give strict= / allow_missing= to the planner you pass, not to load()"
         )
-    reader = UCPReader(url, verify=verify, **options)
+    reader = UCPReader(url, verify=verify, verify_load=verify_load, process_group=process_group, **options)
     try:  # read here (dcp.load then reuses it) to keep the error's type if it fails
         reader.checkpoint_metadata()
         metadata_error = None

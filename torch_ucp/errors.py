@@ -63,22 +63,21 @@ class CommitConflictError(CheckpointError):
     this save was committed, and its own data was removed."""
 
 
-class SharedReadError(CheckpointError):
-    """Bytes that one rank reads for several (``share_reads``) could not be read or delivered.
+class ContentMismatchError(CorruptCheckpointError):
+    """``verify_load``: the content loaded into the target differs from what was saved (the
+    layout-independent content hash of the loaded shards does not match the header's).
+    ``tensors`` names them."""
 
-    Raised on the rank that failed and on every rank it reads for; ``source_rank`` is the rank
-    whose read failed, and the message names the tensors and data objects."""
-
-    def __init__(self, message: str, *, source_rank: int) -> None:
+    def __init__(self, message: str, *, tensors: list[str]) -> None:
         super().__init__(message)
-        self.source_rank = source_rank
+        self.tensors = list(tensors)
 
     def __reduce__(self):  # DCP pickles rank errors to every rank
-        return (_shared_read_error, (str(self), self.source_rank))
+        return (_content_mismatch, (str(self), self.tensors))
 
 
-def _shared_read_error(message: str, source_rank: int) -> SharedReadError:
-    return SharedReadError(message, source_rank=source_rank)
+def _content_mismatch(message: str, tensors: list[str]) -> ContentMismatchError:
+    return ContentMismatchError(message, tensors=tensors)
 
 
 def rank_error(exc: BaseException) -> BaseException | None:

@@ -72,37 +72,6 @@ def content_hash() -> bool:
     return _env_int("CONTENT_HASH", 1) != 0
 
 
-def share_reads() -> str:
-    """Whether loading ranks that need the same bytes read them once and share them
-    (:mod:`torch_ucp.storage.sharing`): ``auto`` (default: on for object stores and network
-    filesystems, off for local disks, where the page cache already serves a second reader),
-    ``1`` or ``0``."""
-    return os.environ.get("TORCH_UCP_SHARE_READS") or "auto"
-
-
-def share_message_bytes() -> int:
-    """Largest message of shared bytes (one read, sent to the ranks that need it). Replicated
-    tensors larger than this are split, and their parts dealt to every rank that needs them."""
-    return _env_int("SHARE_MESSAGE_BYTES", 16 << 20)
-
-
-def share_inflight_bytes() -> int:
-    """Bound on the bytes of shared messages a rank holds at once (being read, on the wire,
-    being copied): reads of later messages overlap transfers of earlier ones within it."""
-    return _env_int("SHARE_INFLIGHT_BYTES", 256 << 20)
-
-
-def share_fanout() -> int:
-    """A message is sent by its reader to at most this many ranks, which forward it (a tree):
-    sets of up to ``fanout + 1`` ranks get it straight from the reader."""
-    return _env_int("SHARE_FANOUT", 8)
-
-
-def share_read_workers() -> int:
-    """Shared messages a rank reads from storage at once."""
-    return _env_int("SHARE_READ_WORKERS", 4)
-
-
 def read_waste_ratio() -> float:
     """Largest fraction of unneeded bytes a coalesced or block-expanded read may carry.
 

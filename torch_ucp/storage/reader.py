@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
@@ -23,6 +25,13 @@ from torch_ucp.metadata.dcp import CatalogStateDict, catalog_metadata
 from torch_ucp.metadata.header import decode_metadata
 from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
 from torch_ucp.metadata.values import decode_value
+from torch_ucp.storage.content_check import (
+    LoadedContent,
+    VerifyRequest,
+    check_plan,
+    group_size,
+    plan_verification,
+)
 from torch_ucp.storage.protocols import ValueLoadPlanner
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store, open_store
@@ -149,6 +158,13 @@ class UCPReader(StorageReader):
             :class:`~torch_ucp.errors.UnsafeCheckpointError` naming its key.
         follow_symlinks: local/NFS: read data and metadata objects that are symbolic links
             (default: refused, so a checkpoint cannot make the reader read files outside it).
+        verify_load: after reading, check that every loaded tensor's content equals what was
+            saved, whatever the layouts (the sum of the loaded shards' content hashes, over
+            every rank, against the header's; :mod:`torch_ucp.storage.content_check`). Raises
+            :class:`~torch_ucp.errors.ContentMismatchError` naming the tensors. Every rank must
+            pass it. Checkpoints saved without content hashes load with a warning.
+        process_group: the process group ``dcp.load`` runs on (default: the default group);
+            ``verify_load`` all-reduces on it.
         **storage_options: passed to fsspec.
 
     After a load, ``stats`` holds the bytes read and needed by this rank.
@@ -162,9 +178,15 @@ class UCPReader(StorageReader):
         threads: int | None = None,
         allow_pickle: bool = False,
         follow_symlinks: bool = False,
+        verify_load: bool = False,
+        process_group: dist.ProcessGroup | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__()
+        if not isinstance(verify_load, bool):
+            raise TypeError(f"UCPReader: verify_load must be True or False, got {verify_load!r}")
+        self.verify_load = verify_load
+        self.process_group = process_group
         self.storage_options = storage_options
         self.follow_symlinks = bool(follow_symlinks)
         self.store = self._store(url) if url is not None else None
@@ -217,13 +239,39 @@ class UCPReader(StorageReader):
         self._started = time.monotonic()  # for the INFO line of the load (transfer_log)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        if not self.verify_load:
+            return plan
+        return dataclasses.replace(plan, storage_data=VerifyRequest(True, group_size(self.process_group)))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        verification = plan_verification([p.storage_data for p in plans])
+        if not verification.verify_load:
+            return plans
+        return [dataclasses.replace(p, storage_data=verification) for p in plans]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        verification = check_plan(plan.storage_data)
         catalog = self.catalog()
+        assert self.store is not None
+        if verification is None:
+            self._read(plan, planner, catalog, None)
+        else:  # every rank reaches the check's collective, even after its reads failed
+            loaded = LoadedContent(catalog)
+            try:
+                self._read(plan, planner, catalog, loaded)
+            except BaseException:
+                loaded.check(verification, self.process_group, failed=True, url=self.store.url)
+                raise
+            loaded.check(verification, self.process_group, failed=False, url=self.store.url)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read(
+        self, plan: LoadPlan, planner: LoadPlanner, catalog: FragmentCatalog, loaded: LoadedContent | None
+    ) -> None:
+        """Read every item of ``plan`` into ``planner``'s targets (and count them in
+        ``loaded``)."""
         meta = catalog.meta
         assert self.store is not None
         planner_lock = threading.Lock()
@@ -247,15 +295,12 @@ class UCPReader(StorageReader):
                     offsets=tuple(item.storage_offsets),
                     lengths=tuple(item.lengths),
                     dest=dest,
-                    on_done=commit_callback(planner, item, planner_lock),
+                    on_done=commit_callback(planner, item, planner_lock, loaded),
                 )
             )
         reader = FragmentReader.for_checkpoint(self.store, meta, verify=self.verify, threads=self.threads)
         self.stats.add(reader.read(reads))
         log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
 
     def _load_value(
         self, item: ReadItem, entry: ValueEntry, meta: CheckpointMetadata, planner: LoadPlanner
@@ -295,10 +340,16 @@ def _fragment(catalog: FragmentCatalog, index: MetadataIndex, url: str) -> Fragm
     raise CheckpointError(f"{fqn}: no fragment at offsets {list(offsets)} in {url}")
 
 
-def commit_callback(planner: LoadPlanner, item: ReadItem, lock: threading.Lock):
+def commit_callback(
+    planner: LoadPlanner, item: ReadItem, lock: threading.Lock, loaded: LoadedContent | None = None
+):
     """``BoxRead.on_done`` calling ``planner.commit_tensor`` (serialized: planners need not be
-    thread-safe)."""
+    thread-safe), after counting the box as delivered in ``loaded`` (``verify_load``; in the
+    reader's thread, in parallel)."""
     def commit(tensor: torch.Tensor) -> None:
+        if loaded is not None:
+            box = [c + o for c, o in zip(item.storage_index.offset, item.storage_offsets)]
+            loaded.add(item.storage_index.fqn, box, tensor)
         with lock:
             planner.commit_tensor(item, tensor)
 
