@@ -137,7 +137,15 @@ def test_header_is_self_checksummed_json_not_pickle(ckpt):
     d = json.loads(raw)
     assert (d["format"], d["version"]) == ("torch_ucp", FORMAT_VERSION) == ("torch_ucp", 2)
     assert set(d["tensors"]) == set(_tensors())
-    assert d["tensors"]["f32"] == {"dtype": "float32", "shape": [37, 29], "fragments": 1, "writers": [0]}
+    f32 = _tensors()["f32"]
+    assert d["tensors"]["f32"] == {
+        "dtype": "float32", "shape": [37, 29], "fragments": 1, "writers": [0],
+        "content_hash": spec.content_hash(f32.numpy().tobytes(), 4),
+    }
+    assert d["content_hash"] == {"algorithm": "mlh64"}
+    for name, t in _tensors().items():  # the FORMAT.md definition, computed independently
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert d["tensors"][name]["content_hash"] == spec.content_hash(raw, t.dtype.itemsize), name
     assert d["checksum"] == {"algorithm": "crc32c", "block_bytes": 65536, "block_width": 2048}
     with pytest.raises(pickle.UnpicklingError):
         pickle.loads(raw)

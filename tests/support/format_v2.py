@@ -140,3 +140,26 @@ def block_checksums(data: bytes, lengths: list[int], itemsize: int, header: dict
                 )
                 out.append(crc32c.crc32c(piece))
     return out
+
+
+def _fmix64(x: int) -> int:
+    m = (1 << 64) - 1
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & m
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & m
+    return x ^ (x >> 33)
+
+
+def content_hash(data: bytes, itemsize: int) -> str:
+    """FORMAT.md "Content hash" (``mlh64``) of a whole tensor's C-order bytes, element by element."""
+    m = (1 << 64) - 1
+    word = min(itemsize, 8)
+    total = 0
+    for i in range(len(data) // word):
+        w = int.from_bytes(data[i * word : (i + 1) * word], "little")
+        x = w ^ (w >> 32) if word == 8 else w
+        t = _fmix64(((i % 65536) + 0x9E3779B97F4A7C15) & m) | 1
+        u = _fmix64(((i >> 16) + 0xD6E8FEB86659FD93) & m) | 1
+        total = (total + x * t * u) & m
+    return f"{total:016x}"
