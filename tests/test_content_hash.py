@@ -29,9 +29,11 @@ from tests.support import format_v2 as spec
 from tests.support.dcp_io import load_plain, save_plain
 from tests.support.matrix import TENSORS, reference
 from torch_ucp import ContentMismatchError, UCPLoadPlanner, UCPReader
+from torch_ucp.cli.main import main as cli_main
 from torch_ucp.demo.launch import run_distributed
 from torch_ucp.metadata import content_hash
 from torch_ucp.metadata.content_hash import box_hash, reference_hash, tensor_hash, words_of
+from torch_ucp.verify import verify_checkpoint
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(300)]
 
@@ -260,6 +262,20 @@ def test_a_wrong_fragment_placement_is_named(tmp_path) -> None:
     assert torch.equal(target["w"][:4], torch.arange(24, 48, dtype=torch.float32).reshape(4, 6))
     with pytest.raises(ContentMismatchError, match="'w'"):
         torch_ucp.load({"w": torch.zeros(8, 6)}, path, verify_load=True)
+    assert verify_checkpoint(path).ok  # every checksum is valid
+    report = verify_checkpoint(path, logical=True)
+    assert len(report.problems) == 1 and report.problems[0].startswith("'w': content hash of its fragments")
+
+
+def test_verify_logical_on_the_command_line(saved: str, tmp_path, capsys) -> None:
+    assert cli_main(["verify", "--logical", f"{saved}/hsdp"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK: {saved}/hsdp: {len(NAMES)} tensors") and f"{len(NAMES)} content hashes" in out
+    path = str(tmp_path / "c")
+    save_plain(path, {"w": torch.randn(3)}, content_hash=False)
+    assert cli_main(["verify", "--logical", path]) == 1
+    assert "records no content hashes" in capsys.readouterr().out
+    assert cli_main(["verify", path]) == 0  # without --logical: nothing is missing
 
 
 def test_a_checkpoint_without_hashes_loads_with_a_warning(tmp_path, caplog) -> None:

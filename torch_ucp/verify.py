@@ -1,5 +1,6 @@
 """Check a committed checkpoint end to end: header and index checksums, exact tiling of every
-tensor, fragment counts, object sizes, every data checksum, every value."""
+tensor, fragment counts, object sizes, every data checksum, every value, and (``logical``)
+every tensor's content hash."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from torch_ucp.errors import CheckpointError
+from torch_ucp.metadata import content_hash
 from torch_ucp.metadata.catalog import FragmentCatalog
 from torch_ucp.metadata.tiling import tiling_problem
 from torch_ucp.metadata.values import TORCH_SAVE, decode_value
@@ -30,6 +32,7 @@ class VerifyReport:
     fragments: int = 0
     values: int = 0
     bytes_checked: int = 0
+    logical_checked: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -57,9 +60,15 @@ def verify_checkpoint(
     url: str,
     *,
     progress: Callable[[int], Any] | None = None,
+    logical: bool = False,
     **storage_options: Any,
 ) -> VerifyReport:
     """Read every fragment and value of the checkpoint at ``url`` and verify its checksums.
+
+    ``logical``: also recompute every tensor's content hash from its fragments and compare it
+    with the one the save recorded (:mod:`torch_ucp.metadata.content_hash`); this catches
+    fragments whose bytes are intact but placed wrongly. A checkpoint that records no content
+    hash is then a problem.
 
     Never raises for a damaged checkpoint: problems are collected in the report (metadata that
     cannot be read at all is one problem). ``progress`` is called with bytes checked.
@@ -92,6 +101,14 @@ def verify_checkpoint(
                 f"{int(ends[i])} of {store.describe(name)}, which has {sizes[name]}"
             )
     reader = FragmentReader.for_checkpoint(store, meta)
+    fragment_hashes: dict[int, int] = {}  # row -> its hash (a re-read after an error overwrites)
+
+    def hashed(row: int, offsets: tuple[int, ...], shape: tuple[int, ...]) -> Callable[[torch.Tensor], None]:
+        def done(t: torch.Tensor) -> None:
+            fragment_hashes[row] = content_hash.tensor_hash(t, offsets, shape)
+
+        return done
+
     batch: list[BoxRead] = []
     batch_bytes = 0
 
@@ -127,6 +144,7 @@ def verify_checkpoint(
                 offsets=(0,) * len(f.lengths),
                 lengths=f.lengths,
                 dest=torch.empty(f.lengths, dtype=t.dtype),
+                on_done=hashed(i, f.offsets, t.shape) if logical else None,
             )
         )
         batch_bytes += f.data.byte_length
@@ -134,6 +152,8 @@ def verify_checkpoint(
             flush()
     if batch:
         flush()
+    if logical:
+        _check_content(catalog, fragment_hashes, report)
     for entry in meta.values.values():
         report.values += 1
         if entry.data.object not in sizes:
@@ -146,3 +166,30 @@ def verify_checkpoint(
         except Exception as e:  # noqa: BLE001 - decoding errors are problems too
             report.problems.append(f"value {entry.fqn!r}: {e}")
     return report
+
+
+def _check_content(catalog: FragmentCatalog, fragment_hashes: dict[int, int], report: VerifyReport) -> None:
+    """Every tensor whose fragments were all read: the sum of their content hashes against the
+    header's (tensors with a fragment that could not be read are reported already)."""
+    if not any(e.content_hash is not None for e in catalog.entries) and catalog.entries:
+        report.problems.append("--logical: the checkpoint records no content hashes (saved without content_hash)")
+        return
+    rows = catalog.rows
+    sums = [0] * len(catalog.entries)
+    complete = [True] * len(catalog.entries)
+    for i in range(len(rows)):
+        t = int(rows.tensor[i])
+        if i in fragment_hashes:
+            sums[t] = content_hash.add(sums[t], fragment_hashes[i])
+        else:
+            complete[t] = False
+    for t, entry in enumerate(catalog.entries):
+        if not complete[t] or entry.content_hash is None:
+            continue
+        report.logical_checked += 1
+        if sums[t] != entry.content_hash:
+            report.problems.append(
+                f"{entry.fqn!r}: content hash of its fragments is {content_hash.to_hex(sums[t])}, the save "
+                f"recorded {content_hash.to_hex(entry.content_hash)} (intact bytes in the wrong place, or "
+                "changed bytes whose checksums were rewritten)"
+            )

@@ -16,6 +16,10 @@ from torch_ucp.verify import verify_checkpoint
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", help="checkpoint folder: path or fsspec URL")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--logical", action="store_true",
+        help="also recompute every tensor's layout-independent content hash and compare it with the saved one",
+    )
     add_storage_arguments(parser)
 
 
@@ -26,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError):  # a damaged checkpoint: verify_checkpoint reports it
         total = None  # (and any other error, e.g. an unreachable endpoint, ends here at once)
     with progress(args, total, "verify") as update:
-        report = verify_checkpoint(args.url, progress=update, **options)
+        report = verify_checkpoint(args.url, progress=update, logical=args.logical, **options)
     if args.json:
         print(json.dumps(report.__dict__ | {"ok": report.ok}, indent=2))
     else:
@@ -36,5 +40,6 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"{status}: {args.url}: {report.tensors} tensors, {report.fragments} fragments, "
             f"{report.values} values, {human_bytes(report.bytes_checked)} checked"
+            + (f", {report.logical_checked} content hashes" if args.logical else "")
         )
     return 0 if report.ok else 1
