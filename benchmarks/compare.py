@@ -16,6 +16,10 @@ Prints the machine, then one table:
   parallelism on a (dp=2, tp=2) mesh, loaded as FSDP (Shard(0)) over 2 ranks;
 * asynchronous save (``torch_ucp.async_save`` vs ``dcp.async_save``): how long the caller is
   blocked, against the synchronous save of the same system;
+* the layout-independent content hash (:mod:`torch_ucp.metadata.content_hash`): its speed on
+  one core over a contiguous fragment (as a save hashes it) and over a column box (as a
+  ``Shard(1)`` load checks it), what it costs a save (against ``content_hash=False``) and what
+  ``verify_load=True`` costs a load (against the default);
 * save and load through S3 (a local moto server; ``--s3-size-gib 0`` skips them).
 
 Every save is durable when it returns (both systems fsync). The page cache is dropped before
@@ -314,6 +318,43 @@ def _reshard_rows(label: str, path: Callable[[str], str], size: int, total: int,
     return rows
 
 
+def _content_hash_rows(path: Callable[[str], str], size: int, total: int, ws: int,
+                       save_s: dict[str, float]) -> list[Row]:
+    """The content hash on one core, and its share of a save and of a load (same run)."""
+    from torch_ucp.metadata.content_hash import bytes_hash, tensor_hash
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # numpy's ufuncs run on one core anyway
+    frag = _full("hash", (min(size, 256 << 20) // (COLS * 4), COLS))
+    rows = []
+    t0 = time.perf_counter()
+    bytes_hash(memoryview(frag.numpy()).cast("B"), 4, (0, 0), frag.shape, frag.shape)
+    s = time.perf_counter() - t0
+    rows.append(Row("content hash, 1 core", "torch_ucp", s, _gbps(frag.nbytes, s), None, None,
+                    f"contiguous {frag.nbytes >> 20} MiB fragment (save)"))
+    box = frag[:, : COLS // 2].contiguous()
+    t0 = time.perf_counter()
+    tensor_hash(box, (0, 0), frag.shape)
+    s = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    rows.append(Row("content hash, 1 core", "torch_ucp", s, _gbps(box.nbytes, s), None, None,
+                    f"column box {box.shape[0]}x{box.shape[1]} of {frag.shape[1]} columns (Shard(1) load)"))
+    off = run_distributed(save_rank, ws, "ucp", path("same-ucp-nohash"), size, "shard0", {"content_hash": False})
+    plain, hashed = _worst(off, "seconds"), save_s["ucp"]
+    rows.append(Row("save content_hash=False", "torch_ucp", plain, _gbps(total, plain), None, _memory(off),
+                    f"the default (hashing) takes {100 * (hashed / plain - 1):+.0f}% time ({hashed:.2f} s)"))
+    res = {}
+    for name, options in (("default", {}), ("verify_load", {"verify_load": True})):
+        drop_caches()
+        res[name] = run_distributed(load_rank, ws, "ucp", path("same-ucp"), size, "shard0", options)
+        assert all(r["ok"] for r in res[name]), f"{name}: load mismatch"
+    base, checked = _worst(res["default"], "seconds"), _worst(res["verify_load"], "seconds")
+    rows.append(Row("load verify_load=True", "torch_ucp", checked, _gbps(total, checked), None,
+                    _memory(res["verify_load"]),
+                    f"{100 * (checked / base - 1):+.0f}% time vs the default load ({base:.2f} s)"))
+    return rows
+
+
 def _async_rows(path: Callable[[str], str], size: int, ws: int, sync_s: dict[str, float]) -> list[Row]:
     """Blocked seconds of the second of two async saves (steady state), against the sync save."""
     res = {system: run_distributed(async_save_rank, ws, system, path(f"async-{system}"), size)
@@ -403,6 +444,7 @@ def main() -> int:
     rows += _reshard_rows("load Shard(0)x4 -> Shard(1)x2", path, size, total, ("shard0", 4), ("shard1", 2),
                           noverify=True)
     rows += _reshard_rows("load FSDP2+TP 2x2 -> FSDP x2", path, size, total, (FSDP2_TP, 4), ("shard0", 2))
+    rows += _content_hash_rows(path, size, total, ws, save_s)
     rows += _async_rows(path, size, ws, save_s)
     if args.s3_size_gib > 0:
         rows += _s3_rows(int(args.s3_size_gib * 2**30), ws)
