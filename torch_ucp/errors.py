@@ -80,6 +80,24 @@ def _content_mismatch(message: str, tensors: list[str]) -> ContentMismatchError:
     return ContentMismatchError(message, tensors=tensors)
 
 
+class SharedReadError(CheckpointError):
+    """Bytes that one rank reads for several (``share_reads``) could not be read or delivered.
+
+    Raised on the rank whose read failed and on every rank it reads for; ``source_rank`` is the
+    rank whose read failed, and the message names the tensors."""
+
+    def __init__(self, message: str, *, source_rank: int) -> None:
+        super().__init__(message)
+        self.source_rank = source_rank
+
+    def __reduce__(self):  # DCP pickles rank errors to every rank
+        return (_shared_read_error, (str(self), self.source_rank))
+
+
+def _shared_read_error(message: str, source_rank: int) -> SharedReadError:
+    return SharedReadError(message, source_rank=source_rank)
+
+
 def rank_error(exc: BaseException) -> BaseException | None:
     """The error a rank raised inside DCP's ``CheckpointException``, or ``None``.
 

@@ -72,6 +72,30 @@ def content_hash() -> bool:
     return _env_int("CONTENT_HASH", 1) != 0
 
 
+def share_reads() -> str:
+    """Whether loading ranks that need the same bytes read them once and share them
+    (:mod:`torch_ucp.storage.sharing`): ``auto`` (default: on for object stores, off for local
+    disks and NFS, where one host's page cache already serves a second reader), ``1`` or ``0``."""
+    return os.environ.get("TORCH_UCP_SHARE_READS") or "auto"
+
+
+def share_message_bytes() -> int:
+    """Largest shared message (one read, sent to the ranks that need it): larger replicated
+    boxes are cut into parts, dealt to every rank that needs them."""
+    return _env_int("SHARE_MESSAGE_BYTES", 16 << 20)
+
+
+def share_inflight_bytes() -> int:
+    """Bound on the bytes of shared messages a rank holds at once (read ahead, on the wire):
+    reads of later messages overlap the transfers of earlier ones within it."""
+    return _env_int("SHARE_INFLIGHT_BYTES", 256 << 20)
+
+
+def share_read_workers() -> int:
+    """Shared messages a rank reads from storage at once."""
+    return _env_int("SHARE_READ_WORKERS", 4)
+
+
 def read_waste_ratio() -> float:
     """Largest fraction of unneeded bytes a coalesced or block-expanded read may carry.
 

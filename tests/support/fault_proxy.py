@@ -341,6 +341,7 @@ class FaultProxy:
         self._requests = 0
         self._forwarded = 0
         self._connections = 0
+        self._get_bytes = 0
         self._log: list[tuple[str, str, str | None]] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -447,6 +448,7 @@ class FaultProxy:
                 "forwarded": self._forwarded,
                 "failed": sum(self._faults.values()),
                 "faults": dict(self._faults),
+                "get_bytes": self._get_bytes,
             }
 
     @property
@@ -461,6 +463,7 @@ class FaultProxy:
             self._requests = 0
             self._forwarded = 0
             self._connections = 0
+            self._get_bytes = 0
             self._log.clear()
 
     # ------------------------------------------------------------------ decisions
@@ -500,6 +503,16 @@ class FaultProxy:
     def _count_forwarded(self) -> None:
         with self._lock:
             self._forwarded += 1
+
+    def _count_get_bytes(self, n: int) -> None:
+        with self._lock:
+            self._get_bytes += n
+
+    @property
+    def get_bytes(self) -> int:
+        """Body bytes of GET responses relayed in full to clients (what readers fetched)."""
+        with self._lock:
+            return self._get_bytes
 
 
 class _UpstreamError(Exception):
@@ -684,15 +697,21 @@ class _Handler(BaseHTTPRequestHandler):
                 if not chunk:
                     break
                 self._send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                if self.command == "GET":
+                    self.proxy._count_get_bytes(len(chunk))
             self._send(b"0\r\n\r\n")
         else:
             first = resp.read(_CHUNK)
             self._send(head + first)  # one segment for small responses
+            sent = len(first)
             while first:
                 chunk = resp.read(_CHUNK)
                 if not chunk:
                     break
                 self._send(chunk)
+                sent += len(chunk)
+            if self.command == "GET":
+                self.proxy._count_get_bytes(sent)
         if resp.will_close:
             self._upstream_close()
 

@@ -8,6 +8,8 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future as Pending
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRe
 from torch_ucp.metadata.values import decode_value
 from torch_ucp.storage.content_check import (
     LoadedContent,
+    VerifyPlan,
     VerifyRequest,
     check_plan,
     group_size,
@@ -34,6 +37,17 @@ from torch_ucp.storage.content_check import (
 )
 from torch_ucp.storage.protocols import ValueLoadPlanner
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
+from torch_ucp.storage.share_transfer import ShareTransfers, TransferStats
+from torch_ucp.storage.sharing import (
+    Box,
+    Message,
+    ShareRequest,
+    ShareSet,
+    box_of,
+    plan_sharing,
+    set_messages,
+    summarize,
+)
 from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.transfer_log import log_load
 
@@ -163,11 +177,18 @@ class UCPReader(StorageReader):
             every rank, against the header's; :mod:`torch_ucp.storage.content_check`). Raises
             :class:`~torch_ucp.errors.ContentMismatchError` naming the tensors. Every rank must
             pass it. Checkpoints saved without content hashes load with a warning.
+        share_reads: ranks that need the same bytes (HSDP / DP replicas, replicated tensors)
+            read each of them from storage once and send it to the others over the process
+            group, overlapped and within ``TORCH_UCP_SHARE_INFLIGHT_BYTES`` of buffers
+            (:mod:`torch_ucp.storage.sharing`). Default (``None``, ``TORCH_UCP_SHARE_READS=auto``):
+            on for object stores, off for local disks and NFS. Used only where every rank asks
+            for it and the process group is the one ``dcp.load`` runs on (gloo or NCCL).
         process_group: the process group ``dcp.load`` runs on (default: the default group);
-            ``verify_load`` all-reduces on it.
+            ``verify_load`` and ``share_reads`` communicate on it.
         **storage_options: passed to fsspec.
 
-    After a load, ``stats`` holds the bytes read and needed by this rank.
+    After a load, ``stats`` holds the bytes read and needed by this rank, and
+    ``transfer_stats`` the bytes of shared reads it sent and received.
     """
 
     def __init__(
@@ -179,10 +200,14 @@ class UCPReader(StorageReader):
         allow_pickle: bool = False,
         follow_symlinks: bool = False,
         verify_load: bool = False,
+        share_reads: bool | None = None,
         process_group: dist.ProcessGroup | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__()
+        if share_reads is not None and not isinstance(share_reads, bool):
+            raise TypeError(f"UCPReader: share_reads must be True, False or None, got {share_reads!r}")
+        self.share_reads = share_reads
         if not isinstance(verify_load, bool):
             raise TypeError(f"UCPReader: verify_load must be True or False, got {verify_load!r}")
         self.verify_load = verify_load
@@ -194,12 +219,19 @@ class UCPReader(StorageReader):
         self.allow_pickle = bool(allow_pickle)
         self.threads = threads
         self.stats = ReadStats()
+        self.transfer_stats = TransferStats()
+        self._stats_lock = threading.Lock()
         self._catalog: FragmentCatalog | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_catalog"] = None
+        del state["_stats_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stats_lock = threading.Lock()
 
     @property
     def checkpoint_id(self) -> str | None:
@@ -213,6 +245,7 @@ class UCPReader(StorageReader):
             self.store = self._store(checkpoint_id)
         self._catalog = None
         self.stats = ReadStats()
+        self.transfer_stats = TransferStats()
 
     def catalog(self) -> FragmentCatalog:
         """The checkpoint's catalog (header read once per reader; indexes as needed)."""
@@ -239,26 +272,48 @@ class UCPReader(StorageReader):
         self._started = time.monotonic()  # for the INFO line of the load (transfer_log)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        if not self.verify_load:
+        verify = VerifyRequest(True, group_size(self.process_group)) if self.verify_load else None
+        share = self._share_request(plan)
+        if verify is None and share is None:
             return plan
-        return dataclasses.replace(plan, storage_data=VerifyRequest(True, group_size(self.process_group)))
+        return dataclasses.replace(plan, storage_data=_LocalRequest(verify, share))
+
+    def _share_request(self, plan: LoadPlan) -> ShareRequest | None:
+        wanted = self.share_reads
+        if wanted is None:
+            setting = knobs.share_reads()
+            wanted = setting == "1" or (setting == "auto" and self.store is not None and not self.store.posix)
+        if not wanted or not (dist.is_available() and dist.is_initialized()) or _transport(self.process_group) is None:
+            return None
+        position = self.catalog().position
+        return summarize(dist.get_rank(), dist.get_world_size(self.process_group), plan.items, position)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        verification = plan_verification([p.storage_data for p in plans])
-        if not verification.verify_load:
-            return plans
-        return [dataclasses.replace(p, storage_data=verification) for p in plans]
+        requests = [p.storage_data if isinstance(p.storage_data, _LocalRequest) else _LocalRequest(None, None)
+                    for p in plans]
+        verification = plan_verification([r.verify for r in requests])
+        sets = plan_sharing([r.share for r in requests], len(plans))
+        if not verification.verify_load and sets is None:
+            return [dataclasses.replace(p, storage_data=None) for p in plans]
+        verify = verification if verification.verify_load else None
+        message_bytes = knobs.share_message_bytes()  # the coordinator's: every member must agree
+        return [
+            dataclasses.replace(p, storage_data=_ReaderPlan(verify, sets[i] if sets else None, message_bytes))
+            for i, p in enumerate(plans)
+        ]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        verification = check_plan(plan.storage_data)
+        coordinated = plan.storage_data if isinstance(plan.storage_data, _ReaderPlan) else _ReaderPlan(None, None, 0)
+        verification = check_plan(coordinated.verify)
         catalog = self.catalog()
         assert self.store is not None
+        schedule = self._messages(plan, catalog, coordinated) if coordinated.share else []
         if verification is None:
-            self._read(plan, planner, catalog, None)
+            self._read(plan, planner, catalog, None, schedule)
         else:  # every rank reaches the check's collective, even after its reads failed
             loaded = LoadedContent(catalog)
             try:
-                self._read(plan, planner, catalog, loaded)
+                self._read(plan, planner, catalog, loaded, schedule)
             except BaseException:
                 loaded.check(verification, self.process_group, failed=True, url=self.store.url)
                 raise
@@ -267,40 +322,167 @@ class UCPReader(StorageReader):
         fut.set_result(None)
         return fut
 
+    def _messages(self, plan: LoadPlan, catalog: FragmentCatalog, coordinated: _ReaderPlan) -> list[Message]:
+        """This rank's shared messages: those of every share set it is in, from its own boxes
+        (the same on every member of a set)."""
+        assert coordinated.share is not None
+        meta = catalog.meta
+        boxes: dict[int, list[Box]] = {}
+        for item in plan.items:
+            if item.type != LoadItemType.BYTE_IO:
+                boxes.setdefault(catalog.position[item.storage_index.fqn], []).append(box_of(item))
+        messages = []
+        for share_set in coordinated.share:
+            mine = [b for t in sorted(share_set.tensors) for b in boxes.get(t, [])]
+            messages += set_messages(share_set, mine, lambda fqn: meta.tensors[fqn].dtype.itemsize,
+                                     coordinated.message_bytes)
+        return messages
+
     def _read(
-        self, plan: LoadPlan, planner: LoadPlanner, catalog: FragmentCatalog, loaded: LoadedContent | None
+        self,
+        plan: LoadPlan,
+        planner: LoadPlanner,
+        catalog: FragmentCatalog,
+        loaded: LoadedContent | None,
+        schedule: list[Message],
     ) -> None:
         """Read every item of ``plan`` into ``planner``'s targets (and count them in
-        ``loaded``)."""
+        ``loaded``): the boxes of ``schedule`` through shared reads, the rest directly, values
+        last. A rank with shared messages runs all of them even when something else failed
+        first (others wait for them), then raises the first error."""
         meta = catalog.meta
         assert self.store is not None
         planner_lock = threading.Lock()
+        shared_boxes = {p.box for m in schedule for p in m.parts}
+        shared: dict[Box, list[tuple[ReadItem, torch.Tensor]]] = {}
         reads: list[BoxRead] = []
-        for item in plan.items:
-            if item.type == LoadItemType.BYTE_IO:
-                entry = meta.values.get(item.storage_index.fqn)
-                if entry is None:
-                    raise CheckpointError(f"{item.storage_index.fqn}: no such value in {self.store.url}")
-                self._load_value(item, entry, meta, planner)
-                continue
-            fragment = _fragment(catalog, item.storage_index, self.store.url)
-            dest = planner.resolve_tensor(item).detach()
-            reads.append(
-                BoxRead(
-                    name=item.storage_index.fqn,
+        values: list[ReadItem] = []
+        error: BaseException | None = None
+        try:
+            for item in plan.items:
+                if item.type == LoadItemType.BYTE_IO:
+                    values.append(item)
+                    continue
+                box = box_of(item)
+                if box in shared_boxes:
+                    shared.setdefault(box, []).append((item, planner.resolve_tensor(item).detach()))
+                    continue
+                fragment = _fragment(catalog, item.storage_index, self.store.url)
+                reads.append(
+                    BoxRead(
+                        name=item.storage_index.fqn,
+                        data=fragment.data,
+                        dtype=meta.tensors[item.storage_index.fqn].dtype,
+                        fragment_offsets=fragment.offsets,
+                        fragment_shape=fragment.lengths,
+                        offsets=tuple(item.storage_offsets),
+                        lengths=tuple(item.lengths),
+                        dest=planner.resolve_tensor(item).detach(),
+                        on_done=commit_callback(planner, item, planner_lock, loaded),
+                    )
+                )
+        except Exception as e:  # noqa: BLE001 - raised after the shared reads ran
+            error = e
+        local: Pending[None] | None = None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ucp-local-reads")
+        try:
+            if error is None and reads:  # overlapped with the shared reads
+                local = pool.submit(self._read_boxes, reads, meta)
+            if schedule:
+                try:
+                    self._read_shared(schedule, shared, catalog, planner, planner_lock, loaded, error)
+                except Exception as e:  # noqa: BLE001
+                    error = error or e
+            if local is not None:
+                try:
+                    local.result()
+                except Exception as e:  # noqa: BLE001
+                    error = error or e
+        finally:
+            pool.shutdown(wait=True)
+        if error is not None:
+            raise error
+        for item in values:
+            entry = meta.values.get(item.storage_index.fqn)
+            if entry is None:
+                raise CheckpointError(f"{item.storage_index.fqn}: no such value in {self.store.url}")
+            self._load_value(item, entry, meta, planner)
+        log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
+
+    def _read_boxes(self, reads: list[BoxRead], meta: CheckpointMetadata) -> None:
+        assert self.store is not None
+        reader = FragmentReader.for_checkpoint(self.store, meta, verify=self.verify, threads=self.threads)
+        stats = reader.read(reads)
+        with self._stats_lock:
+            self.stats.add(stats)
+
+    def _read_shared(
+        self,
+        schedule: list[Message],
+        targets: dict[Box, list[tuple[ReadItem, torch.Tensor]]],
+        catalog: FragmentCatalog,
+        planner: LoadPlanner,
+        planner_lock: threading.Lock,
+        loaded: LoadedContent | None,
+        failed: BaseException | None,
+    ) -> None:
+        """Run this rank's shared messages: read the ones it reads, receive the others, copy
+        every part into the targets needing its box and commit a box once all its parts are
+        in. ``failed``: this rank failed already; its messages are sent marked failed."""
+        assert self.store is not None
+        meta = catalog.meta
+        url = self.store.url
+        parts_left: dict[Box, int] = {}
+        for m in schedule:
+            for p in m.parts:
+                parts_left[p.box] = parts_left.get(p.box, 0) + 1
+
+        def read(m: Message, payload: torch.Tensor) -> None:
+            if failed is not None:
+                raise CheckpointError(f"this rank failed before reading: {failed}")
+            boxes = []
+            for p in m.parts:
+                item = targets[p.box][0][0]
+                fragment = _fragment(catalog, item.storage_index, url)
+                dtype = meta.tensors[p.box[0]].dtype
+                boxes.append(BoxRead(
+                    name=p.box[0],
                     data=fragment.data,
-                    dtype=meta.tensors[item.storage_index.fqn].dtype,
+                    dtype=dtype,
                     fragment_offsets=fragment.offsets,
                     fragment_shape=fragment.lengths,
-                    offsets=tuple(item.storage_offsets),
-                    lengths=tuple(item.lengths),
-                    dest=dest,
-                    on_done=commit_callback(planner, item, planner_lock, loaded),
-                )
-            )
-        reader = FragmentReader.for_checkpoint(self.store, meta, verify=self.verify, threads=self.threads)
-        self.stats.add(reader.read(reads))
-        log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
+                    offsets=tuple(o - f for o, f in zip(p.offsets, fragment.offsets)),
+                    lengths=p.lengths,
+                    dest=payload[p.at : p.at + p.nbytes].view(dtype).reshape(p.lengths),
+                ))
+            self._read_boxes(boxes, meta)
+
+        def deliver(m: Message, payload: torch.Tensor) -> None:
+            if failed is not None:
+                return
+            for p in m.parts:
+                src = payload[p.at : p.at + p.nbytes].view(meta.tensors[p.box[0]].dtype).reshape(p.lengths)
+                rel = [o - b for o, b in zip(p.offsets, p.box[1])]
+                for _, dest in targets[p.box]:
+                    _narrow(dest, rel, p.lengths).copy_(src)
+                with self._stats_lock:
+                    self.stats.bytes_needed += p.nbytes * len(targets[p.box])
+                parts_left[p.box] -= 1
+                if parts_left[p.box] == 0:
+                    for item, dest in targets[p.box]:
+                        commit_callback(planner, item, planner_lock, loaded)(dest)
+
+        group = self.process_group
+        transport = _transport(group)
+        device = torch.device("cpu") if transport == "cpu" else torch.device("cuda", torch.cuda.current_device())
+        engine = ShareTransfers(dist.get_rank(), group, device, knobs.share_inflight_bytes(), knobs.share_read_workers())
+        try:
+            engine.run(schedule, read, deliver)
+        finally:
+            with self._stats_lock:
+                self.transfer_stats.bytes_sent += engine.stats.bytes_sent
+                self.transfer_stats.bytes_received += engine.stats.bytes_received
+                self.transfer_stats.messages += engine.stats.messages
 
     def _load_value(
         self, item: ReadItem, entry: ValueEntry, meta: CheckpointMetadata, planner: LoadPlanner
@@ -318,6 +500,41 @@ class UCPReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalRequest:
+    """One rank's ``LoadPlan.storage_data`` for the coordinator."""
+
+    verify: VerifyRequest | None
+    share: ShareRequest | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReaderPlan:
+    """The coordinator's answer to one rank (``LoadPlan.storage_data``)."""
+
+    verify: VerifyPlan | None
+    share: list[ShareSet] | None  # the share sets this rank is in
+    message_bytes: int
+
+
+def _transport(group: dist.ProcessGroup | None) -> str | None:
+    """Where shared messages travel on ``group``: ``"cpu"`` (gloo), ``"cuda"`` (NCCL), or
+    ``None`` (another backend: no sharing)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend:
+        return "cpu"
+    if "nccl" in backend and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def _narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    for d, (o, n) in enumerate(zip(offsets, lengths)):
+        if o or n != t.shape[d]:
+            t = t.narrow(d, o, n)
+    return t
 
 
 def _fragment(catalog: FragmentCatalog, index: MetadataIndex, url: str) -> Fragment:

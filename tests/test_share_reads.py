@@ -1,0 +1,207 @@
+"""Read once, share (issue 15): ranks that need the same bytes read them from storage once.
+
+A checkpoint saved by 4 gloo ranks (FSDP ``Shard(0)``) is loaded by 4 ranks as HSDP 2x2
+(``Replicate, Shard(0)``: two replica groups) and as DP=4 (every tensor replicated), from local
+disk and from S3 (moto, through a proxy that counts the bytes of every GET response):
+
+- with ``share_reads`` the ranks together read every needed byte once (1.0x the checkpoint's
+  tensor bytes, up to checksum-block widening), against 2x (HSDP) and 4x (DP) without it;
+- every tensor equals the saved one bit for bit, and ``verify_load`` agrees;
+- large boxes are cut into parts (a small ``TORCH_UCP_SHARE_MESSAGE_BYTES``) dealt to every
+  rank of the set, so the reading is spread;
+- a corrupted byte in a shared fragment fails its reader's read and every rank it reads for
+  gets :class:`~torch_ucp.SharedReadError` naming that rank and the tensor: no hang.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+import torch_ucp
+from tests.support import format_v2 as spec
+from torch_ucp import UCPLoadPlanner, UCPReader
+from torch_ucp.demo.launch import run_distributed
+from torch_ucp.storage.sharing import ShareSet, plan_sharing, set_messages, split_box, summarize
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(300)]
+
+SHAPES = {"w": ((1024, 257), torch.float32), "w_odd": ((13, 7), torch.float32), "emb": ((10, 6), torch.bfloat16),
+          "ids": ((9, 5), torch.int64), "mask": ((6, 4), torch.bool), "bias": ((11,), torch.float32)}
+TOTAL = sum(math.prod(s) * d.itemsize for s, d in SHAPES.values())
+MESSAGE_BYTES = 64 << 10  # "w" (1 MiB) is cut into 17 parts
+
+
+def _full(name: str) -> torch.Tensor:
+    shape, dtype = SHAPES[name]
+    g = torch.Generator().manual_seed(len(name) * 1000 + shape[0])
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype == torch.int64:
+        return torch.randint(-(2**40), 2**40, shape, generator=g)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _state(kind: str, fill: bool) -> dict[str, torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if kind == "fsdp":
+        mesh, placements = init_device_mesh("cpu", (4,)), [Shard(0)]
+    elif kind == "hsdp":
+        mesh, placements = init_device_mesh("cpu", (2, 2)), [Replicate(), Shard(0)]
+    else:
+        mesh, placements = init_device_mesh("cpu", (4,)), [Replicate()]
+    out = {}
+    for name in SHAPES:
+        full = _full(name) if fill else torch.zeros_like(_full(name))
+        out[name] = distribute_tensor(full, mesh, placements, src_data_rank=None)
+    return out
+
+
+def _save(url: str, options: dict) -> None:
+    torch.set_num_threads(1)
+    torch_ucp.save(_state("fsdp", True), url, **options)
+
+
+def _load(url: str, kind: str, share: bool, options: dict) -> dict:
+    torch.set_num_threads(1)
+    os.environ["TORCH_UCP_SHARE_MESSAGE_BYTES"] = str(MESSAGE_BYTES)
+    state = _state(kind, False)
+    reader = UCPReader(url, share_reads=share, verify_load=True, **options)
+    dcp.load(state, storage_reader=reader, planner=UCPLoadPlanner())
+    wrong = [n for n, t in state.items() if not torch.equal(t.full_tensor() if isinstance(t, DTensor) else t, _full(n))]
+    return {"wrong": wrong, "read": reader.stats.bytes_read, "sent": reader.transfer_stats.bytes_sent,
+            "messages": reader.transfer_stats.messages}
+
+
+def _load_failing(url: str) -> dict:
+    torch.set_num_threads(1)
+    os.environ["TORCH_UCP_SHARE_MESSAGE_BYTES"] = str(MESSAGE_BYTES)
+    try:
+        dcp.load(_state("hsdp", False), storage_reader=UCPReader(url, share_reads=True), planner=UCPLoadPlanner())
+    except CheckpointException as e:
+        failures = {}
+        for rank, failure in e.failures.items():
+            error = failure[0] if isinstance(failure, tuple) else failure
+            failures[str(rank)] = [type(error).__name__, str(error), getattr(error, "source_rank", None)]
+        return failures
+    return {}
+
+
+# -- the plan -------------------------------------------------------------------------------------
+def test_split_box_tiles_the_box() -> None:
+    for offsets, lengths, itemsize, limit in [((0, 0), (10, 7), 4, 64), ((3, 2, 1), (5, 4, 9), 8, 100), ((5,), (1000,), 2, 64)]:
+        parts = split_box(offsets, lengths, itemsize, limit)
+        assert all(math.prod(n) * itemsize <= max(limit, itemsize) for _, n in parts)
+        covered = {tuple(o + i for o, i in zip(off, idx)) for off, n in parts for idx in np.ndindex(*n)}
+        expected = {tuple(o + i for o, i in zip(offsets, idx)) for idx in np.ndindex(*lengths)}
+        assert covered == expected and sum(math.prod(n) for _, n in parts) == math.prod(lengths)
+
+
+# -- local disk -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("share") / "ckpt")
+    run_distributed(_save, 4, url, {})
+    return url
+
+
+@pytest.mark.parametrize("kind, copies", [("hsdp", 2), ("dp", 4)])
+def test_replicas_read_every_byte_once_from_local_disk(local: str, kind: str, copies: int) -> None:
+    shared = run_distributed(_load, 4, local, kind, True, {})
+    alone = run_distributed(_load, 4, local, kind, False, {})
+    for r in shared + alone:
+        assert r["wrong"] == [], r
+    read_shared, read_alone = sum(r["read"] for r in shared), sum(r["read"] for r in alone)
+    assert TOTAL <= read_shared <= 1.05 * TOTAL, (read_shared, TOTAL)
+    assert read_alone >= copies * TOTAL * 0.99, (read_alone, TOTAL)
+    assert all(r["read"] > 0 for r in shared), shared  # parts dealt to every rank of a set
+    assert max(r["read"] for r in shared) <= 1.5 * read_shared / 4 + MESSAGE_BYTES, shared
+    assert all(r["sent"] == 0 and r["messages"] == 0 for r in alone)
+
+
+def test_a_failing_source_is_named_on_every_rank(local: str, tmp_path) -> None:
+    import shutil
+
+    url = str(tmp_path / "broken")
+    shutil.copytree(local, url)
+    header = spec.read_header(url)
+    index = spec.read_index(url, header, 0)  # rank 0 wrote rows [0, 256) of "w"
+    row = int((index["tensor_key"] == spec.tensor_key("w")).nonzero()[0][0])
+    with open(os.path.join(url, index["names"][int(index["object"][row])]), "r+b") as f:
+        f.seek(int(index["byte_offset"][row]) + 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    results = run_distributed(_load_failing, 4, url)
+    failures = results[0]
+    assert all(r == failures for r in results), results  # every rank raised, with the same failures
+    assert all(kind == "SharedReadError" for kind, _, _ in failures.values()), failures
+    readers = [int(r) for r, (_, _, source) in failures.items() if source == int(r)]
+    assert len(readers) == 1, failures
+    reader = readers[0]
+    receivers = {int(r): text for r, (_, text, source) in failures.items() if int(r) != reader}
+    assert receivers and all(failures[str(r)][2] == reader for r in receivers), failures
+    assert "checksum mismatch in tensor 'w'" in failures[str(reader)][1]
+    for text in receivers.values():
+        assert f"rank {reader} reads them" in text and "checksum mismatch in tensor 'w'" in text, text
+
+
+# -- S3 -------------------------------------------------------------------------------------------
+def test_replicas_read_every_byte_once_from_s3(s3_server, s3_bucket) -> None:
+    from tests.support.fault_proxy import FaultProxy
+
+    bucket, options = s3_bucket
+    url = f"{bucket}/ckpt"
+    run_distributed(_save, 4, url, options)
+    with FaultProxy(s3_server.endpoint_url, fail_rate=0.0) as proxy:
+        via = proxy.storage_options(**{k: v for k, v in options.items() if k != "endpoint_url"})
+        got = {}
+        for share in (None, False):  # None: the default, on for object stores
+            proxy.reset_stats()
+            results = run_distributed(_load, 4, url, "hsdp", share, via)
+            assert all(r["wrong"] == [] for r in results), results
+            got[share] = (proxy.get_bytes, sum(r["read"] for r in results))
+    (shared_get, shared_read), (alone_get, alone_read) = got[None], got[False]
+    assert TOTAL <= shared_read <= 1.05 * TOTAL and alone_read >= 1.98 * TOTAL, got
+    assert shared_get <= 1.1 * TOTAL and alone_get >= 1.9 * TOTAL, (got, TOTAL)  # headers and indexes too
+
+
+def test_the_messages_balance_parts_over_a_set() -> None:
+    share_set = ShareSet(3, (0, 1, 2, 3), frozenset({0}))
+    messages = set_messages(share_set, [("w", (0, 0), (1024, 256))], lambda fqn: 4, 64 << 10)
+    assert sum(p.nbytes for m in messages for p in m.parts) == 1024 * 256 * 4
+    per_reader = [sum(m.nbytes for m in messages if m.reader == r) for r in range(4)]
+    assert per_reader == [256 << 10] * 4 and all(m.nbytes <= 64 << 10 for m in messages)
+    assert [m.order for m in messages] == [(3, i) for i in range(len(messages))]
+
+
+def test_the_coordinator_groups_ranks_with_the_same_boxes() -> None:
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    def item(fqn: str, row: int) -> ReadItem:  # rows [row, row + 4) of an (8, 3) tensor
+        return ReadItem(LoadItemType.TENSOR, MetadataIndex(fqn, (row, 0)), (0, 0), MetadataIndex(fqn, (row, 0)),
+                        (0, 0), (4, 3))
+
+    position = {"a": 0, "norm": 1}
+    # HSDP 2x2: ranks 0 and 2 hold rows 0-3 of "a", ranks 1 and 3 rows 4-7; all hold "norm" whole
+    requests = [summarize(r, 4, [item("a", 4 * (r % 2)), item("norm", 0), item("norm", 4)], position)
+                for r in range(4)]
+    sets = plan_sharing(requests, 4)
+    assert sets is not None
+    assert [[(s.members, sorted(s.tensors)) for s in mine] for mine in sets] == [
+        [((0, 1, 2, 3), [1]), ((0, 2), [0])],
+        [((0, 1, 2, 3), [1]), ((1, 3), [0])],
+        [((0, 1, 2, 3), [1]), ((0, 2), [0])],
+        [((0, 1, 2, 3), [1]), ((1, 3), [0])],
+    ]
+    assert plan_sharing(requests[:3] + [None], 4) is None  # a rank that does not share
+    assert plan_sharing(requests, 8) is None  # the reader's group is not dcp.load's

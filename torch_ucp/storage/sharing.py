@@ -1,0 +1,211 @@
+"""Read once, share: which rank reads the bytes that several loading ranks need.
+
+Replicas of a loading job (HSDP and DP replica groups, TP-replicated norms and biases, plain
+tensors every rank loads whole) plan the same read boxes. The plan is made inside ``dcp.load``
+without sending any box to the coordinator (load plans stay on their ranks):
+
+1. **Summary** (each rank, ``prepare_local_plan``): per stored tensor it reads, the 64-bit
+   BLAKE2b digest of the sorted boxes it needs of it (:class:`ShareRequest`: 20 bytes a tensor).
+2. **Sets** (coordinator, ``prepare_global_plan``): ranks with the same digest for a tensor
+   need exactly the same boxes of it. Tensors needed by the same list of ranks form one *share
+   set*; every rank gets the sets it is in (:class:`ShareSet`).
+3. **Messages** (each member, ``read_data``): the set's boxes are cut into parts of at most
+   ``message_bytes`` (:func:`split_box`), each part dealt to the member dealt the fewest bytes
+   so far, and each member's parts packed into messages (:func:`set_messages`). Every member
+   computes this from the same boxes, so all agree without exchanging anything more; messages
+   run in the order (set, message) on every rank (:mod:`torch_ucp.storage.share_transfer`).
+
+Boxes that ranks need only in part (two different boxes that overlap) are read by each of
+them: replicas plan identical boxes, which is what this shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+ALIGN = 16
+"""Bytes; every part starts at a multiple of this in its message (aligned for every dtype)."""
+
+Box = tuple[str, tuple[int, ...], tuple[int, ...]]
+"""A stored tensor's box: its name, global offsets and lengths."""
+
+
+def box_of(item: ReadItem) -> Box:
+    """The stored box a tensor read item needs, in its tensor's global coordinates."""
+    offsets = tuple(c + o for c, o in zip(item.storage_index.offset, item.storage_offsets))
+    return item.storage_index.fqn, offsets, tuple(item.lengths)
+
+
+@dataclass(frozen=True)
+class ShareRequest:
+    """One rank's summary for the coordinator (in ``LoadPlan.storage_data``).
+
+    Attributes:
+        rank: its global rank. group_size: ranks in the process group it would send on.
+        tensors: positions (in the header's tensor table) of the tensors it reads.
+        digests: per tensor, the digest of its sorted boxes of it.
+    """
+
+    rank: int
+    group_size: int
+    tensors: np.ndarray  # int64
+    digests: np.ndarray  # uint64
+
+
+def summarize(rank: int, group_size: int, items: Sequence[ReadItem], position: dict[str, int]) -> ShareRequest:
+    """This rank's :class:`ShareRequest` for its tensor read ``items``."""
+    boxes: dict[str, set[Box]] = {}
+    for item in items:
+        if item.type != LoadItemType.BYTE_IO:
+            box = box_of(item)
+            boxes.setdefault(box[0], set()).add(box)
+    names = sorted(boxes, key=lambda n: position[n])
+    digests = []
+    for name in names:
+        h = hashlib.blake2b(digest_size=8)
+        for _, offsets, lengths in sorted(boxes[name]):
+            h.update(np.array([len(offsets), *offsets, *lengths], dtype="<i8").tobytes())
+        digests.append(int.from_bytes(h.digest(), "little"))
+    return ShareRequest(rank, group_size, np.array([position[n] for n in names], dtype=np.int64),
+                        np.array(digests, dtype=np.uint64))
+
+
+@dataclass(frozen=True)
+class ShareSet:
+    """Ranks (``members``, global, sorted) that need the same boxes of ``tensors`` (positions)."""
+
+    id: int
+    members: tuple[int, ...]
+    tensors: frozenset[int]
+
+
+def plan_sharing(requests: Sequence[object], group_size: int) -> list[list[ShareSet]] | None:
+    """The coordinator's step: the share sets of every rank (in process-group order), or
+    ``None`` where the load cannot share: fewer than two ranks, a rank that does not ask to
+    share, or a reader whose process group is not the one ``dcp.load`` runs on."""
+    if group_size < 2 or not all(isinstance(r, ShareRequest) for r in requests):
+        return None
+    found = [r for r in requests if isinstance(r, ShareRequest)]
+    if any(r.group_size != group_size for r in found) or len({r.rank for r in found}) != len(found):
+        return None
+    holders: dict[tuple[int, int], list[int]] = {}
+    for r in found:
+        for t, d in zip(r.tensors.tolist(), r.digests.tolist()):
+            holders.setdefault((t, d), []).append(r.rank)
+    by_members: dict[tuple[int, ...], set[int]] = {}
+    for (t, _), ranks in holders.items():
+        if len(ranks) > 1:
+            by_members.setdefault(tuple(sorted(ranks)), set()).add(t)
+    sets = [ShareSet(i, members, frozenset(by_members[members])) for i, members in enumerate(sorted(by_members))]
+    mine: dict[int, list[ShareSet]] = {r.rank: [] for r in found}
+    for s in sets:
+        for m in s.members:
+            mine[m].append(s)
+    return [mine[r.rank] for r in found]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A box of a shared read box, at byte ``at`` of its message's payload."""
+
+    box: Box
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    nbytes: int
+    at: int
+
+
+@dataclass(frozen=True)
+class Message:
+    """One read by ``reader`` (a global rank), sent to the other ``members``; ``order`` is its
+    place in the load's global order, ``(set id, index in the set)``."""
+
+    order: tuple[int, int]
+    reader: int
+    members: tuple[int, ...]
+    parts: tuple[Part, ...]
+    nbytes: int
+
+    @property
+    def receivers(self) -> tuple[int, ...]:
+        return tuple(m for m in self.members if m != self.reader)
+
+    def describe(self) -> str:
+        names = sorted({p.box[0] for p in self.parts})
+        shown = ", ".join(repr(n) for n in names[:4]) + (" ..." if len(names) > 4 else "")
+        return f"tensor(s) {shown} ({self.nbytes} bytes, shared read {self.order})"
+
+
+def split_box(
+    offsets: Sequence[int], lengths: Sequence[int], itemsize: int, max_bytes: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``offsets``/``lengths`` cut into C-order boxes of at most ``max_bytes`` (at least one
+    element each): along the first dim whose trailing slab fits, enumerating the dims before."""
+    offsets, lengths = tuple(offsets), tuple(lengths)
+    if not lengths or math.prod(lengths) * itemsize <= max_bytes:
+        return [(offsets, lengths)]
+    d = 0
+    while d < len(lengths) - 1 and math.prod(lengths[d + 1 :]) * itemsize > max_bytes:
+        d += 1
+    slab = math.prod(lengths[d + 1 :]) * itemsize
+    step = max(1, max_bytes // slab)
+    out = []
+    for lead in np.ndindex(*lengths[:d]):
+        head = tuple(o + i for o, i in zip(offsets[:d], lead))
+        for start in range(0, lengths[d], step):
+            n = min(step, lengths[d] - start)
+            out.append((head + (offsets[d] + start,) + offsets[d + 1 :], (1,) * d + (n,) + lengths[d + 1 :]))
+    return out
+
+
+def set_messages(
+    share_set: ShareSet, boxes: Sequence[Box], itemsize: Callable[[str], int], message_bytes: int
+) -> list[Message]:
+    """The messages of one share set from its ``boxes`` (the same on every member): every box
+    cut into parts of at most ``message_bytes``, each part dealt to the member dealt the fewest
+    bytes so far (the lowest rank on ties), each member's parts packed in order into messages
+    of at most ``message_bytes``."""
+    members = share_set.members
+    load = dict.fromkeys(members, 0)
+    mine: dict[int, list[tuple[Box, tuple[int, ...], tuple[int, ...], int]]] = {m: [] for m in members}
+    for box in sorted(set(boxes)):
+        size = itemsize(box[0])
+        for offsets, lengths in split_box(box[1], box[2], size, message_bytes):
+            nbytes = math.prod(lengths) * size
+            reader = min(members, key=lambda m: (load[m], m))
+            load[reader] += nbytes
+            mine[reader].append((box, offsets, lengths, nbytes))
+    messages: list[Message] = []
+    for reader in members:
+        batches: list[list[Part]] = []
+        at = 0
+        for box, offsets, lengths, nbytes in mine[reader]:
+            if not batches or (at + nbytes > message_bytes and batches[-1]):
+                batches.append([])
+                at = 0
+            batches[-1].append(Part(box, offsets, lengths, nbytes, at))
+            at += -(-nbytes // ALIGN) * ALIGN
+        for batch in batches:
+            end = batch[-1].at + batch[-1].nbytes
+            messages.append(Message((share_set.id, len(messages)), reader, members, tuple(batch), end))
+    return messages
+
+
+__all__ = [
+    "Box",
+    "Message",
+    "Part",
+    "ShareRequest",
+    "ShareSet",
+    "box_of",
+    "plan_sharing",
+    "set_messages",
+    "split_box",
+    "summarize",
+]
