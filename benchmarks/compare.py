@@ -20,7 +20,10 @@ Prints the machine, then one table:
   one core over a contiguous fragment (as a save hashes it) and over a column box (as a
   ``Shard(1)`` load checks it), what it costs a save (against ``content_hash=False``) and what
   ``verify_load=True`` costs a load (against the default);
-* save and load through S3 (a local moto server; ``--s3-size-gib 0`` skips them).
+* save and load through S3 (a local moto server; ``--s3-size-gib 0`` skips them);
+* replicated loads (4 ranks as HSDP: 2 replicas of 2 shards) with and without ``share_reads``,
+  from local disk and from S3 (moto, through a proxy counting the bytes of GET responses):
+  seconds, and bytes read from storage per byte of the checkpoint (the distinct bytes needed).
 
 Every save is durable when it returns (both systems fsync). The page cache is dropped before
 every load (as root). For the resharded loads it reports bytes *requested* per byte needed
@@ -51,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,6 +68,7 @@ from torch_ucp.demo.launch import run_distributed  # noqa: E402
 
 COLS = 4096
 FSDP2_TP = "fsdp2+tp"  # the (dp=2, tp=2) layout; see _placements
+HSDP = "hsdp"  # (replicas=2, shards=world/2): Replicate, Shard(0)
 DISK_THREADS = 1  # matches `dd bs=16M oflag=direct` here (2 threads: the same within noise)
 MAPPED_NOTE_BYTES = 16 << 20  # notes say how much of a peak RSS is mapped file pages above this
 NOVERIFY = "ucp-noverify"  # torch_ucp loading with verify=False
@@ -122,6 +126,8 @@ def _full(name: str, shape: tuple[int, int]) -> torch.Tensor:
 def _mesh(layout: str) -> DeviceMesh:
     if layout == FSDP2_TP:
         return init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    if layout == HSDP:
+        return init_device_mesh("cpu", (2, dist.get_world_size() // 2))
     return init_device_mesh("cpu", (dist.get_world_size(),))
 
 
@@ -132,6 +138,8 @@ def _placements(layout: str, index: int) -> list[Placement]:
     ``Shard(0)`` on tp) get ``_StridedShard(0, split_factor=2)`` on dp."""
     if layout == FSDP2_TP:
         return [Shard(0), Shard(1)] if index % 2 == 0 else [_StridedShard(0, split_factor=2), Shard(0)]
+    if layout == HSDP:
+        return [Replicate(), Shard(0)]
     return [Shard(int(layout.removeprefix("shard")))]
 
 
@@ -203,9 +211,10 @@ def load_rank(system: str, path: str, size_bytes: int, layout: str,
     # requested: torch_ucp counts its range reads itself (memory-mapped copies bypass rchar)
     requested = reader.stats.bytes_read if system in ("ucp", NOVERIFY) else _rchar() - before_calls
     needed = sum(t.to_local().numel() * 4 for t in state.values())
+    shared = reader.transfer_stats.bytes_received if system in ("ucp", NOVERIFY) else 0
     ok = all(torch.equal(t.full_tensor(), _full(n, tuple(t.shape))) for n, t in state.items())
     return {"seconds": seconds, **_memory_fields(rss), "read": read, "requested": requested,
-            "needed": needed, "ok": ok}
+            "needed": needed, "shared": shared, "ok": ok}
 
 
 def async_save_rank(system: str, base: str, size_bytes: int) -> dict[str, float]:
@@ -401,6 +410,51 @@ def _s3_rows(size: int, ws: int) -> list[Row]:
     return rows
 
 
+def _share_rows(size: int, path: Callable[[str], str], s3: bool) -> list[Row]:
+    """HSDP 2x2 loads of a Shard(0)x4 checkpoint, with and without ``share_reads``: local disk
+    (bytes: the readers' own counts) and S3 (bytes: GET bodies at a counting proxy)."""
+    total = sum(r * c * 4 for r, c in _tensors(size).values())
+    rows = []
+
+    def measure(where: str, url: str, options: dict[str, Any], counted: Callable[[], int] | None,
+                reset: Callable[[], None]) -> None:
+        res = {}
+        fetched = {}
+        for share in (False, True):
+            if counted is None:
+                drop_caches()
+            reset()
+            res[share] = run_distributed(load_rank, 4, "ucp", url, size, HSDP, {**options, "share_reads": share})
+            assert all(r["ok"] for r in res[share]), f"{where}: replicated load mismatch"
+            fetched[share] = counted() if counted is not None else sum(r["requested"] for r in res[share])
+        base = _worst(res[False], "seconds")
+        for share in (False, True):
+            s = _worst(res[share], "seconds")
+            sent = sum(r["shared"] for r in res[share])
+            rows.append(Row(f"{where} load HSDP 2x2 (4 ranks)", "share" if share else "per replica", s,
+                            _gbps(total, s), None, _memory(res[share]),
+                            f"storage bytes {fetched[share] / total:.2f}x the checkpoint"
+                            + (f", {sent / total:.2f}x received from other ranks; {base / s:.2f}x faster than "
+                               "per replica" if share else "")))
+
+    url = path("share-src")
+    run_distributed(save_rank, 4, "ucp", url, size, "shard0")
+    measure("local", url, {}, None, lambda: None)
+    if s3:
+        from tests.support.fault_proxy import RETRY_STORAGE_OPTIONS, FaultProxy
+        from tests.support.s3 import S3Server
+
+        with S3Server() as server:
+            bucket = server.create_bucket()
+            url = f"s3://{bucket}/share"
+            options = server.storage_options(**RETRY_STORAGE_OPTIONS)
+            run_distributed(save_rank, 4, "ucp", url, size, "shard0", options)
+            with FaultProxy(server.endpoint_url, fail_rate=0.0) as proxy:
+                via = proxy.storage_options(**{k: v for k, v in options.items() if k != "endpoint_url"})
+                measure("S3", url, via, lambda: proxy.get_bytes, proxy.reset_stats)
+    return rows
+
+
 def _notes(row: Row) -> str:
     """The row's note, plus the memory-mapped part of its peak RSS where that is sizeable."""
     notes = [row.note] if row.note else []
@@ -454,6 +508,7 @@ def main() -> int:
     rows += _async_rows(path, size, ws, save_s)
     if args.s3_size_gib > 0:
         rows += _s3_rows(int(args.s3_size_gib * 2**30), ws)
+    rows += _share_rows(int((args.s3_size_gib or args.size_gib) * 2**30), path, s3=args.s3_size_gib > 0)
 
     print()
     print("loads read from " + ("disk (page cache dropped before each)" if cold else "a warm page cache"))

@@ -155,8 +155,8 @@ def load(
             whatever the layouts (:class:`~torch_ucp.ContentMismatchError` names those that
             differ; one all-reduce, plus hashing the loaded bytes once).
         process_group: ranks taking part (default: the whole world).
-        **options: :class:`~torch_ucp.UCPReader` options (``threads``) and fsspec storage
-            options.
+        **options: :class:`~torch_ucp.UCPReader` options (``threads``, ``share_reads``) and
+            fsspec storage options.
     """
     if planner is None:
         planner = UCPLoadPlanner(strict=strict, allow_missing=allow_missing)

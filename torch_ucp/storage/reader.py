@@ -409,10 +409,14 @@ class UCPReader(StorageReader):
             self._load_value(item, entry, meta, planner)
         log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
 
-    def _read_boxes(self, reads: list[BoxRead], meta: CheckpointMetadata) -> None:
+    def _read_boxes(self, reads: list[BoxRead], meta: CheckpointMetadata, *, for_targets: bool = True) -> None:
+        """Read ``reads`` (and count them in ``stats``: their bytes needed only when they are
+        this rank's targets, not a shared message's buffer)."""
         assert self.store is not None
         reader = FragmentReader.for_checkpoint(self.store, meta, verify=self.verify, threads=self.threads)
         stats = reader.read(reads)
+        if not for_targets:
+            stats = dataclasses.replace(stats, bytes_needed=0)
         with self._stats_lock:
             self.stats.add(stats)
 
@@ -455,7 +459,7 @@ class UCPReader(StorageReader):
                     lengths=p.lengths,
                     dest=payload[p.at : p.at + p.nbytes].view(dtype).reshape(p.lengths),
                 ))
-            self._read_boxes(boxes, meta)
+            self._read_boxes(boxes, meta, for_targets=False)
 
         def deliver(m: Message, payload: torch.Tensor) -> None:
             if failed is not None:
