@@ -105,6 +105,18 @@ def test_split_box_tiles_the_box() -> None:
         assert covered == expected and sum(math.prod(n) for _, n in parts) == math.prod(lengths)
 
 
+def test_on_by_default_for_object_stores(tmp_path, monkeypatch) -> None:
+    from torch_ucp.storage.reader import share_by_default
+    from torch_ucp.storage.store import open_store
+
+    local, remote = open_store(str(tmp_path)), open_store("s3://bucket/ckpt", {"anon": True})
+    assert not share_by_default(local) and share_by_default(remote)
+    monkeypatch.setenv("TORCH_UCP_SHARE_READS", "1")
+    assert share_by_default(local)
+    monkeypatch.setenv("TORCH_UCP_SHARE_READS", "0")
+    assert not share_by_default(remote)
+
+
 # -- local disk -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory) -> str:

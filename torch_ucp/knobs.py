@@ -72,11 +72,18 @@ def content_hash() -> bool:
     return _env_int("CONTENT_HASH", 1) != 0
 
 
-def share_reads() -> str:
+SHARE_AUTO = 2
+
+
+def share_reads() -> int:
     """Whether loading ranks that need the same bytes read them once and share them
-    (:mod:`torch_ucp.storage.sharing`): ``auto`` (default: on for object stores, off for local
-    disks and NFS, where one host's page cache already serves a second reader), ``1`` or ``0``."""
-    return os.environ.get("TORCH_UCP_SHARE_READS") or "auto"
+    (:mod:`torch_ucp.storage.sharing`) when ``UCPReader(share_reads=None)``: ``0`` off, ``1`` on,
+    ``2`` (default) on for object stores and off for local disks and NFS, where one host's page
+    cache already serves a second reader."""
+    value = _env_int("SHARE_READS", SHARE_AUTO)
+    if value not in (0, 1, SHARE_AUTO):
+        raise ValueError(f"TORCH_UCP_SHARE_READS={value!r}: expected 0 (off), 1 (on) or 2 (object stores only)")
+    return value
 
 
 def share_message_bytes() -> int:

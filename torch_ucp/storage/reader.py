@@ -180,7 +180,7 @@ class UCPReader(StorageReader):
         share_reads: ranks that need the same bytes (HSDP / DP replicas, replicated tensors)
             read each of them from storage once and send it to the others over the process
             group, overlapped and within ``TORCH_UCP_SHARE_INFLIGHT_BYTES`` of buffers
-            (:mod:`torch_ucp.storage.sharing`). Default (``None``, ``TORCH_UCP_SHARE_READS=auto``):
+            (:mod:`torch_ucp.storage.sharing`). Default (``None``, ``TORCH_UCP_SHARE_READS``):
             on for object stores, off for local disks and NFS. Used only where every rank asks
             for it and the process group is the one ``dcp.load`` runs on (gloo or NCCL).
         process_group: the process group ``dcp.load`` runs on (default: the default group);
@@ -279,10 +279,8 @@ class UCPReader(StorageReader):
         return dataclasses.replace(plan, storage_data=_LocalRequest(verify, share))
 
     def _share_request(self, plan: LoadPlan) -> ShareRequest | None:
-        wanted = self.share_reads
-        if wanted is None:
-            setting = knobs.share_reads()
-            wanted = setting == "1" or (setting == "auto" and self.store is not None and not self.store.posix)
+        assert self.store is not None
+        wanted = share_by_default(self.store) if self.share_reads is None else self.share_reads
         if not wanted or not (dist.is_available() and dist.is_initialized()) or _transport(self.process_group) is None:
             return None
         position = self.catalog().position
@@ -521,6 +519,13 @@ class _ReaderPlan:
     verify: VerifyPlan | None
     share: list[ShareSet] | None  # the share sets this rank is in
     message_bytes: int
+
+
+def share_by_default(store: Store) -> bool:
+    """``share_reads=None``: as ``TORCH_UCP_SHARE_READS`` says (by default on for object stores,
+    off for local disks and NFS, where one host's page cache already serves a second reader)."""
+    setting = knobs.share_reads()
+    return not store.posix if setting == knobs.SHARE_AUTO else setting == 1
 
 
 def _transport(group: dist.ProcessGroup | None) -> str | None:

@@ -130,7 +130,7 @@ class ShareTransfers:
             pairs[(src, dst)] = k + 1
             return k
 
-        reads: dict[tuple[int, int], Future[torch.Tensor]] = {}
+        reads: dict[tuple[int, int], Future[tuple[torch.Tensor, bool]]] = {}
         alive = 0  # bytes of buffers alive: reads ahead and messages in flight
         in_flight: deque[_InFlight] = deque()
         next_read = 0
@@ -175,12 +175,12 @@ class ShareTransfers:
                         reads[m.order] = pool.submit(self._read_one, m, read)
                         alive += size(m)
                         next_read += 1
-                    buffer = reads.pop(m.order).result()
+                    buffer, good = reads.pop(m.order).result()
                     device_buffer = buffer.to(self.device, non_blocking=False)
                     works = [dist.isend(device_buffer, dst, group=self.group, tag=tag(self.rank, dst))
                              for dst in m.receivers]
                     self.stats.bytes_sent += size(m) * len(works)
-                    if unseal(buffer, m.nbytes) is None and self.error is None:
+                    if good and self.error is None:
                         self._deliver(m, buffer, deliver)
                     in_flight.append(_InFlight(m, device_buffer, works))
                 else:
@@ -196,8 +196,9 @@ class ShareTransfers:
         if self.error is not None:
             raise self.error
 
-    def _read_one(self, m: Message, read: Callable[[Message, torch.Tensor], None]) -> torch.Tensor:
-        """A message's buffer, read and sealed (a failed read is sealed as failed and kept)."""
+    def _read_one(self, m: Message, read: Callable[[Message, torch.Tensor], None]) -> tuple[torch.Tensor, bool]:
+        """A message's buffer, read and sealed, and whether the read succeeded (a failed read is
+        sealed as failed, and its error kept)."""
         buffer = torch.empty(m.nbytes + TRAILER, dtype=torch.uint8)
         failure = None
         try:
@@ -211,7 +212,7 @@ class ShareTransfers:
             error.__cause__ = e
             self._fail(error)
         seal(buffer, m.nbytes, failure)
-        return buffer
+        return buffer, failure is None
 
     def _deliver(self, m: Message, buffer: torch.Tensor, deliver: Callable[[Message, torch.Tensor], None]) -> None:
         try:
