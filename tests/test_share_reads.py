@@ -106,16 +106,20 @@ def test_split_box_tiles_the_box() -> None:
         assert covered == expected and sum(math.prod(n) for _, n in parts) == math.prod(lengths)
 
 
-def test_on_by_default_for_object_stores(tmp_path, monkeypatch) -> None:
+def test_the_default_and_its_knob(tmp_path, monkeypatch) -> None:
     from torch_ucp.storage.reader import share_by_default
     from torch_ucp.storage.store import open_store
 
     local, remote = open_store(str(tmp_path)), open_store("s3://bucket/ckpt", {"anon": True})
+    monkeypatch.delenv("TORCH_UCP_SHARE_READS", raising=False)
+    assert not share_by_default(local) and not share_by_default(remote)  # off until it measures faster
+    monkeypatch.setenv("TORCH_UCP_SHARE_READS", "2")
     assert not share_by_default(local) and share_by_default(remote)
     monkeypatch.setenv("TORCH_UCP_SHARE_READS", "1")
-    assert share_by_default(local)
-    monkeypatch.setenv("TORCH_UCP_SHARE_READS", "0")
-    assert not share_by_default(remote)
+    assert share_by_default(local) and share_by_default(remote)
+    monkeypatch.setenv("TORCH_UCP_SHARE_READS", "3")
+    with pytest.raises(ValueError, match="TORCH_UCP_SHARE_READS"):
+        share_by_default(local)
 
 
 # -- local disk -----------------------------------------------------------------------------------
@@ -183,12 +187,12 @@ def test_replicas_read_every_byte_once_from_s3(s3_server, s3_bucket) -> None:
     with FaultProxy(s3_server.endpoint_url, fail_rate=0.0) as proxy:
         via = proxy.storage_options(**{k: v for k, v in options.items() if k != "endpoint_url"})
         got = {}
-        for share in (None, False):  # None: the default, on for object stores
+        for share in (True, False):
             proxy.reset_stats()
             results = run_distributed(_load, 4, url, "hsdp", share, via)
             assert all(r["wrong"] == [] for r in results), results
             got[share] = (proxy.get_bytes, sum(r["read"] for r in results))
-    (shared_get, shared_read), (alone_get, alone_read) = got[None], got[False]
+    (shared_get, shared_read), (alone_get, alone_read) = got[True], got[False]
     assert TOTAL <= shared_read <= 1.05 * TOTAL and alone_read >= 1.98 * TOTAL, got
     assert shared_get <= 1.1 * TOTAL and alone_get >= 1.9 * TOTAL, (got, TOTAL)  # headers and indexes too
 

@@ -180,9 +180,9 @@ class UCPReader(StorageReader):
         share_reads: ranks that need the same bytes (HSDP / DP replicas, replicated tensors)
             read each of them from storage once and send it to the others over the process
             group, overlapped and within ``TORCH_UCP_SHARE_INFLIGHT_BYTES`` of buffers
-            (:mod:`torch_ucp.storage.sharing`). Default (``None``, ``TORCH_UCP_SHARE_READS``):
-            on for object stores, off for local disks and NFS. Used only where every rank asks
-            for it and the process group is the one ``dcp.load`` runs on (gloo or NCCL).
+            (:mod:`torch_ucp.storage.sharing`). Default (``None``): ``TORCH_UCP_SHARE_READS``
+            (off unless set; ``2``: object stores only). Used only where every rank asks for
+            it and the process group is the one ``dcp.load`` runs on (gloo or NCCL).
         process_group: the process group ``dcp.load`` runs on (default: the default group);
             ``verify_load`` and ``share_reads`` communicate on it.
         **storage_options: passed to fsspec.
@@ -522,8 +522,8 @@ class _ReaderPlan:
 
 
 def share_by_default(store: Store) -> bool:
-    """``share_reads=None``: as ``TORCH_UCP_SHARE_READS`` says (by default on for object stores,
-    off for local disks and NFS, where one host's page cache already serves a second reader)."""
+    """``share_reads=None``: as ``TORCH_UCP_SHARE_READS`` says (default off; ``2``: on for object
+    stores, off for local disks and NFS)."""
     setting = knobs.share_reads()
     return not store.posix if setting == knobs.SHARE_AUTO else setting == 1
 
