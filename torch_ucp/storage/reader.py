@@ -226,6 +226,7 @@ class UCPReader(StorageReader):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_catalog"] = None
+        state["process_group"] = None  # a process group does not travel (the default one does)
         del state["_stats_lock"]
         return state
 
