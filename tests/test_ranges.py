@@ -21,11 +21,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from torch_ucp.storage.ranges import block_aligned_bounds, c_strides, plan_box_ranges
 
+# Generation may be slow on a loaded CI machine; the examples are few and fixed in number.
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64]
 
 
@@ -46,7 +48,11 @@ def box_reads(draw, min_length: int = 0):
 def box_elements(shape, offsets, lengths) -> np.ndarray:
     """Linear element indices of the box in the C-contiguous fragment, in C order."""
     grids = np.meshgrid(*(np.arange(o, o + n) for o, n in zip(offsets, lengths)), indexing="ij")
-    return np.ravel_multi_index([g.reshape(-1) for g in grids], shape) if grids else np.zeros(0, np.int64)
+    return (
+        np.ravel_multi_index([g.reshape(-1) for g in grids], shape)
+        if grids
+        else np.zeros(0, np.int64)
+    )
 
 
 def model_range_count(shape, offsets, lengths, waste: float) -> int:
@@ -61,12 +67,16 @@ def model_range_count(shape, offsets, lengths, waste: float) -> int:
     raise AssertionError("unreachable")
 
 
-@settings(max_examples=150, deadline=None)
+@settings(PROPERTY, max_examples=150)
 @given(box_reads(min_length=1))
 def test_plan_reads_exactly_the_box_within_the_waste_bound(read):
     shape, offsets, lengths, dtype, waste = read
     itemsize = torch.empty((), dtype=dtype).element_size()
-    fragment = torch.randint(0, 256, (math.prod(shape) * itemsize,), dtype=torch.uint8).view(dtype).reshape(shape)
+    fragment = (
+        torch.randint(0, 256, (math.prod(shape) * itemsize,), dtype=torch.uint8)
+        .view(dtype)
+        .reshape(shape)
+    )
     plan = plan_box_ranges(shape, offsets, lengths, itemsize, waste)
     frag_bytes = fragment.numel() * itemsize
     needed = math.prod(lengths) * itemsize
@@ -80,13 +90,13 @@ def test_plan_reads_exactly_the_box_within_the_waste_bound(read):
     assert needed <= plan.total <= (1 + waste) * needed * (1 + 1e-12)
 
     data = fragment.reshape(-1).view(torch.uint8)
-    packed = torch.cat([data[s: s + plan.span] for s in starts])
+    packed = torch.cat([data[s : s + plan.span] for s in starts])
     view = packed.view(dtype).as_strided(tuple(lengths), plan.view_strides, plan.view_offset)
     box = fragment[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
     assert torch.equal(view, box)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(PROPERTY, max_examples=150)
 @given(box_reads(min_length=1))
 def test_plan_has_the_fewest_ranges_within_the_bound(read):
     shape, offsets, lengths, dtype, waste = read
@@ -95,18 +105,20 @@ def test_plan_has_the_fewest_ranges_within_the_bound(read):
     assert len(plan.starts) == model_range_count(shape, offsets, lengths, waste)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(PROPERTY, max_examples=100)
 @given(box_reads(min_length=1))
 def test_no_waste_reads_the_box_bytes_and_nothing_else(read):
     shape, offsets, lengths, dtype, _ = read
     itemsize = torch.empty((), dtype=dtype).element_size()
     plan = plan_box_ranges(shape, offsets, lengths, itemsize, 0.0)
     read_bytes = np.concatenate([np.arange(s, s + plan.span) for s in plan.starts])
-    box_bytes = (box_elements(shape, offsets, lengths)[:, None] * itemsize + np.arange(itemsize)).reshape(-1)
+    box_bytes = (
+        box_elements(shape, offsets, lengths)[:, None] * itemsize + np.arange(itemsize)
+    ).reshape(-1)
     assert np.array_equal(np.sort(read_bytes), np.sort(box_bytes))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(PROPERTY, max_examples=100)
 @given(box_reads(min_length=1))
 def test_unbounded_waste_reads_first_to_last_element_in_one_range(read):
     shape, offsets, lengths, dtype, _ = read
@@ -117,7 +129,7 @@ def test_unbounded_waste_reads_first_to_last_element_in_one_range(read):
     assert plan.span == (int(elements.max()) - int(elements.min()) + 1) * itemsize
 
 
-@settings(max_examples=100, deadline=None)
+@settings(PROPERTY, max_examples=100)
 @given(box_reads(min_length=0))
 def test_an_empty_box_reads_nothing(read):
     shape, offsets, lengths, dtype, waste = read
@@ -142,9 +154,13 @@ def test_c_strides():
     assert c_strides(()) == ()
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.integers(1, 4096), st.integers(0, 1 << 20), st.integers(1, 1 << 16), st.integers(0, 1 << 16))
-def test_block_aligned_bounds_widen_to_whole_blocks_within_the_fragment(block, start, length, slack):
+@settings(PROPERTY, max_examples=300)
+@given(
+    st.integers(1, 4096), st.integers(0, 1 << 20), st.integers(1, 1 << 16), st.integers(0, 1 << 16)
+)
+def test_block_aligned_bounds_widen_to_whole_blocks_within_the_fragment(
+    block, start, length, slack
+):
     end = start + length
     limit = end + slack
     lo, hi = block_aligned_bounds(start, end, block, limit)
@@ -156,7 +172,12 @@ def test_block_aligned_bounds_widen_to_whole_blocks_within_the_fragment(block, s
 
 @pytest.mark.parametrize(
     "start, end, block, limit, expected",
-    [(0, 10, 4, 100, (0, 12)), (5, 8, 4, 100, (4, 8)), (9, 10, 4, 10, (8, 10)), (8, 12, 4, 12, (8, 12))],
+    [
+        (0, 10, 4, 100, (0, 12)),
+        (5, 8, 4, 100, (4, 8)),
+        (9, 10, 4, 10, (8, 10)),
+        (8, 12, 4, 12, (8, 12)),
+    ],
 )
 def test_block_aligned_bounds_examples(start, end, block, limit, expected):
     assert block_aligned_bounds(start, end, block, limit) == expected

@@ -83,7 +83,10 @@ def aiohttp_refused() -> aiohttp.ClientConnectorError:
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
-    response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    response = {
+        "Error": {"Code": code, "Message": code},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
     return botocore.exceptions.ClientError(response, "GetObject")
 
 
@@ -112,7 +115,9 @@ TRANSIENT = {
     "aiohttp-disconnected": lambda: aiohttp.ServerDisconnectedError(),
     "aiohttp-payload-cut": lambda: aiohttp.ClientPayloadError("Response payload is not completed"),
     "fsspec-timeout": lambda: fsspec.exceptions.FSTimeoutError(),
-    "dns-try-again": lambda: socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+    "dns-try-again": lambda: socket.gaierror(
+        socket.EAI_AGAIN, "Temporary failure in name resolution"
+    ),
     "aiohttp-dns-try-again": lambda: aiohttp.ClientConnectorDNSError(
         None, socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
     ),
@@ -139,7 +144,9 @@ PERMANENT = {
     "missing-under-timeout": lambda: chained(FileNotFoundError("x"), TimeoutError()),
     "value-error": lambda: ValueError("bad argument"),
     # What s3fs makes of a code it does not translate: OSError EIO caused by the ClientError.
-    "s3fs-untranslated": lambda: chained(OSError(errno.EIO, "InvalidArgument"), client_error("InvalidArgument", 400)),
+    "s3fs-untranslated": lambda: chained(
+        OSError(errno.EIO, "InvalidArgument"), client_error("InvalidArgument", 400)
+    ),
 }
 
 
@@ -164,7 +171,10 @@ def test_unreachable_endpoints_are_recognized_through_wrappers():
 def test_error_code_reads_the_store_response_through_wrappers():
     assert error_code(client_error("InvalidRange", 416)) == "InvalidRange"
     assert error_code(client_error("", 503)) == "503"
-    assert error_code(chained(OSError("s3fs"), client_error("PreconditionFailed", 412))) == "PreconditionFailed"
+    assert (
+        error_code(chained(OSError("s3fs"), client_error("PreconditionFailed", 412)))
+        == "PreconditionFailed"
+    )
     assert error_code(ValueError("x")) is None
 
 
@@ -209,11 +219,15 @@ def notes(exc: BaseException) -> list[str]:
 
 def test_transient_errors_are_retried_until_one_succeeds(small_knobs, caplog):
     caplog.set_level(logging.WARNING, "torch_ucp.storage.retry")
-    fn = Flaky(TRANSIENT["connection-reset"], TRANSIENT["s3-slowdown"], TRANSIENT["aiohttp-payload-cut"])
+    fn = Flaky(
+        TRANSIENT["connection-reset"], TRANSIENT["s3-slowdown"], TRANSIENT["aiohttp-payload-cut"]
+    )
     assert retry(fn, "reading model.w in s3://b/ckpt/d0.bin", on_retry=fn.cleanup) == "data"
     assert fn.calls == 4 and fn.cleanups == 3
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 3 and all("reading model.w in s3://b/ckpt/d0.bin failed" in m for m in messages)
+    assert len(messages) == 3 and all(
+        "reading model.w in s3://b/ckpt/d0.bin failed" in m for m in messages
+    )
     assert "ConnectionResetError" in messages[0] and "retry 1/4" in messages[0]
     assert "ClientError" in messages[1] and "ClientPayloadError" in messages[2]
 
@@ -237,7 +251,9 @@ def test_transient_errors_give_up_after_the_attempts_naming_the_operation(small_
     assert fn.calls == 5 and fn.cleanups == 4  # the knob's 5 attempts
     assert error_code(e.value) == "InternalError"  # the last error itself, not a wrapper
     if sys.version_info >= (3, 11):  # exception notes
-        assert notes(e.value) == ["torch_ucp: committing s3://b/ckpt/.metadata failed after 5 attempts"]
+        assert notes(e.value) == [
+            "torch_ucp: committing s3://b/ckpt/.metadata failed after 5 attempts"
+        ]
 
     fn = Flaky(*[TRANSIENT["fsspec-timeout"]] * 10)
     with pytest.raises(fsspec.exceptions.FSTimeoutError):
@@ -246,7 +262,8 @@ def test_transient_errors_give_up_after_the_attempts_naming_the_operation(small_
 
 
 @pytest.mark.parametrize(
-    "name", ["missing", "denied", "refused", "s3-no-such-key", "s3fs-untranslated", "checkpoint-error"]
+    "name",
+    ["missing", "denied", "refused", "s3-no-such-key", "s3fs-untranslated", "checkpoint-error"],
 )
 def test_permanent_errors_are_raised_at_once(small_knobs, caplog, name):
     caplog.set_level(logging.WARNING, "torch_ucp.storage.retry")
@@ -264,7 +281,9 @@ def test_a_permanent_error_after_retries_ends_them_naming_the_operation(small_kn
         retry(fn, "reading shard 3 of s3://b/ckpt")
     assert fn.calls == 3
     if sys.version_info >= (3, 11):
-        assert notes(e.value) == ["torch_ucp: reading shard 3 of s3://b/ckpt failed after 3 attempts"]
+        assert notes(e.value) == [
+            "torch_ucp: reading shard 3 of s3://b/ckpt failed after 3 attempts"
+        ]
 
 
 def test_no_new_attempt_after_the_deadline(small_knobs, monkeypatch):
@@ -291,4 +310,3 @@ def test_the_deadline_knob_is_used_when_not_given(small_knobs, monkeypatch):
 def test_success_at_first_is_one_call(small_knobs, caplog):
     fn = Flaky()
     assert retry(fn, "reading") == "data" and fn.calls == 1 and not caplog.records
-
