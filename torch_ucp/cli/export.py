@@ -33,6 +33,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ def parse_size(text: str) -> int:
     unit = m.group(2).upper() if m else None
     if m is None or unit not in _UNITS:
         raise CommandError(f"cannot parse size {text!r}; use e.g. 500MB, 2GB, 1GiB or bytes")
-    size = int(float(m.group(1)) * _UNITS[unit])
+    size = int(Fraction(m.group(1)) * _UNITS[unit])  # exact: float made "2.01KB" 2009 bytes
     if size <= 0:
         raise CommandError(f"size must be positive, got {text!r}")
     return size
