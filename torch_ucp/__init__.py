@@ -48,6 +48,7 @@ __all__ = [
     "CommitConflictError",
     "CorruptCheckpointError",
     "LoadPlanError",
+    "NotStockCheckpointError",
     "UCPLoadPlanner",
     "UCPReader",
     "UCPSavePlanner",

@@ -11,7 +11,8 @@ Why not make them work: stock readers take every fragment's location from that o
 keeps out of the header, and stock readers open exactly ``.metadata``, the torch_ucp commit
 point) *and* every fragment wrapped as a ``torch.save`` archive. Instead, once torch_ucp is
 imported, the stock readers' ``read_metadata`` is wrapped so that this one failure becomes an
-:class:`~torch_ucp.errors.UnsupportedFormatError` naming torch_ucp and the calls to use
+:class:`~torch_ucp.errors.NotStockCheckpointError` (an ``UnsupportedFormatError`` and still an
+``UnpicklingError``) naming torch_ucp and the calls to use
 (:func:`stock_reader_message`). Nothing else about them changes: stock checkpoints are read as
 before, and the wrapper reads a few bytes of ``.metadata`` only after pickle has failed.
 """
@@ -22,7 +23,7 @@ import functools
 import pickle
 from typing import Any
 
-from torch_ucp.errors import UnsupportedFormatError
+from torch_ucp.errors import NotStockCheckpointError
 
 _V2_PREFIX = b'{"header_crc32c":'
 _V1_MARK = b'"format":"torch_ucp"'
@@ -65,7 +66,7 @@ def _wrap(read_metadata: Any) -> Any:
         except pickle.UnpicklingError as e:
             if not _sniff(self, kwargs.get("rank")):
                 raise
-            raise UnsupportedFormatError(stock_reader_message(str(self.path))) from e
+            raise NotStockCheckpointError(stock_reader_message(str(self.path))) from e
 
     read_metadata_or_explain.__torch_ucp_wrapped__ = read_metadata  # type: ignore[attr-defined]
     return read_metadata_or_explain
