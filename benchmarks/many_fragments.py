@@ -20,7 +20,7 @@ import torch
 from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid
 from torch_ucp.metadata.schema import StoredBytes
 from torch_ucp.storage.reading import BoxRead, FragmentReader
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import open_store
 
 BLOCK_BYTES, BLOCK_WIDTH = 64 << 10, 2 << 10
 
@@ -38,7 +38,7 @@ def measure(root: str, n: int) -> float:
         sums = tuple(grid.checksums(memoryview(raw)[16 * i : 16 * i + 16], DEFAULT_ALGORITHM))
         stored = StoredBytes("data-x/0.bin", 16 * i, 16, sums)
         reads.append(BoxRead("w", stored, torch.float32, (i, 0), (1, 4), (0, 0), (1, 4), dest[i : i + 1]))
-    reader = FragmentReader(Store(root), checksum_algorithm=DEFAULT_ALGORITHM,
+    reader = FragmentReader(open_store(root), checksum_algorithm=DEFAULT_ALGORITHM,
                             block_bytes=BLOCK_BYTES, block_width=BLOCK_WIDTH)
     t0 = time.perf_counter()
     reader.read(reads)

@@ -271,7 +271,7 @@ def coordinator(work: str) -> None:
 def write_indexes(work: str, save_id: str, tables: list[LocalPlanTable], keep: list[np.ndarray]) -> dict:
     """Every rank's fragment index from its assigned rows (synthetic byte offsets, real
     encoder), and the write result each rank reports, pickled as DCP's gather delivers them."""
-    from torch_ucp.storage.store import Store
+    from torch_ucp.storage.store import open_store
     from torch_ucp.storage.writer import RANK_RESULT, RankWritten
 
     catalog = tables[0].parse_catalog()
@@ -283,7 +283,7 @@ def write_indexes(work: str, save_id: str, tables: list[LocalPlanTable], keep: l
     os.makedirs(folder, exist_ok=True)
     results = []
     total = 0
-    store = Store(os.path.join(work, "ckpt"))
+    store = open_store(os.path.join(work, "ckpt"))
     one_rank_s = 0.0
     for r, (table, flags) in enumerate(zip(tables, keep)):
         t0 = time.perf_counter()
@@ -396,10 +396,10 @@ def all_ranks_bytes(work: str, ranks: int, tp: int, samples: int) -> dict:
     """Header + routed indexes summed over every loading rank (exact routing for ``samples``
     ranks spread over the mesh, scaled to all ranks)."""
     from torch_ucp.storage.reader import open_catalog
-    from torch_ucp.storage.store import Store
+    from torch_ucp.storage.store import open_store
 
     params = llama70b_params()
-    catalog = open_catalog(Store(os.path.join(work, "ckpt")))
+    catalog = open_catalog(open_store(os.path.join(work, "ckpt")))
     header = os.path.getsize(os.path.join(work, "ckpt", ".metadata"))
     sizes = {ref.rank: ref.nbytes for ref in catalog.meta.indexes}
     dp = ranks // tp

@@ -21,7 +21,7 @@ from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid
 from torch_ucp.metadata.schema import StoredBytes
 from torch_ucp.patterns.base import glob_regex
 from torch_ucp.storage.reading import BoxRead, FragmentReader
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import open_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -111,7 +111,7 @@ def test_reading_80k_small_fragments(tmp_path):
         chunk = memoryview(raw)[16 * i : 16 * i + 16]
         stored = StoredBytes("data-x/0.bin", 16 * i, 16, tuple(grid.checksums(chunk, DEFAULT_ALGORITHM)))
         reads.append(BoxRead("w", stored, torch.float32, (i, 0), (1, 4), (0, 0), (1, 4), dest[i : i + 1]))
-    reader = FragmentReader(Store(str(root)), checksum_algorithm=DEFAULT_ALGORITHM,
+    reader = FragmentReader(open_store(str(root)), checksum_algorithm=DEFAULT_ALGORITHM,
                             block_bytes=64 << 10, block_width=2048)
     stats = reader.read(reads)
     assert torch.equal(dest.reshape(-1), data)

@@ -24,7 +24,7 @@ import torch
 import torch_ucp
 from torch_ucp.cli.common import LogFormatter
 from torch_ucp.storage.retry import is_transient, is_unreachable, retry
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import open_store
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(300)]
 
@@ -99,7 +99,7 @@ def test_every_command_fails_in_one_line_on_an_unreachable_endpoint(tmp_path, ca
 
 
 def test_refused_connection_is_not_retried(caplog):
-    store = Store(
+    store = open_store(
         "s3://bucket/x",
         {
             "endpoint_url": f"http://127.0.0.1:{closed_port()}",

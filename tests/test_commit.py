@@ -20,38 +20,28 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from tests.support.dcp_io import save_plain as _save
 from tests.support.save_jobs import Outcome, SaveJob, job_state
 from torch_ucp import (
     CheckpointExistsError,
     CommitConflictError,
-    UCPSavePlanner,
     UCPWriter,
     UnsafeCheckpointError,
     open_checkpoint,
 )
 from torch_ucp.storage import commit
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import Store, open_store
 from torch_ucp.verify import verify_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 TRIALS = 30
 CLEAN_FAILURES = {"CommitConflictError", "CheckpointExistsError"}
-
-
-def _save(url: str, state: dict, **writer_kwargs) -> UCPWriter:
-    writer = UCPWriter(url, **writer_kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, storage_writer=writer, planner=UCPSavePlanner(), no_dist=True)
-    return writer
 
 
 def _data_folders(store: Store) -> set[str]:
@@ -107,7 +97,7 @@ def _race(base_url: str, options: dict, user_folder, size: tuple[int, int]) -> d
                 user_folder(url)
                 committed = None
             overwrite = not fresh or trial % 2 == 1
-            store = Store(url, options)
+            store = open_store(url, options)
             seeds = (1000 + 2 * trial, 1001 + 2 * trial)
             first = rng.randrange(2)
             at = time.time() + 0.02
@@ -142,7 +132,7 @@ def test_two_jobs_saving_to_one_local_url(tmp_path):
 
 def test_two_jobs_saving_to_one_s3_url(s3_bucket):
     url, options = s3_bucket
-    fs = Store(url, options).fs
+    fs = open_store(url, options).fs
 
     def user_folder(u: str) -> None:
         fs.pipe(u.removeprefix("s3://") + "/data-raw/notes.txt", b"mine")
@@ -172,9 +162,9 @@ def test_cleanup_removes_only_its_own_data(where, tmp_path, request):
         url = f"{bucket}/ckpt"
     else:
         url, options = str(tmp_path / "ckpt"), {}
-    store = Store(url, options)
+    store = open_store(url, options)
     for rel, data in _foreign_entries(url).items():
-        if store.is_local:
+        if store.posix:
             os.makedirs(os.path.dirname(store.path(rel)), exist_ok=True)
         store.write_atomic(rel, data)
     for seed in range(3):
@@ -227,7 +217,7 @@ def test_knob_values_are_validated_too(tmp_path, monkeypatch):
 # -- the protocol step by step -----------------------------------------------------------------
 def test_publish_fails_cleanly_when_the_data_was_removed(tmp_path):
     url = str(tmp_path / "ckpt")
-    store = Store(url)
+    store = open_store(url)
     commit.begin(store, "20260101T000000-00000001", overwrite=False)
     shutil.rmtree(os.path.join(url, "data-20260101T000000-00000001"))
     with pytest.raises(CommitConflictError, match="was removed"):
@@ -238,7 +228,7 @@ def test_publish_fails_cleanly_when_the_data_was_removed(tmp_path):
 def test_commit_is_conditional_on_what_the_save_started_from(tmp_path):
     """Both saves start from an empty URL: the second to publish fails, whatever overwrite."""
     url = str(tmp_path / "ckpt")
-    store = Store(url)
+    store = open_store(url)
     a, b, c = "20260101T000000-0000000a", "20260101T000000-0000000b", "20260101T000000-0000000c"
     for sid in (a, b, c):
         commit.begin(store, sid, overwrite=True)
@@ -257,11 +247,36 @@ def test_commit_is_conditional_on_what_the_save_started_from(tmp_path):
     assert commit.read_marker(store, d)["base"]["save_id"] == a
 
 
+@pytest.mark.parametrize("overwrite, error", [(False, CheckpointExistsError), (True, CommitConflictError)])
+def test_a_save_whose_folder_is_removed_while_it_begins_fails_cleanly(tmp_path, overwrite, error):
+    """Save b finds an empty URL and starts creating its folder; save a commits right then and
+    its cleanup removes b's folder (b can never commit). b's begin raises the conflict as a
+    torch_ucp error (it was a bare FileNotFoundError once) and leaves nothing behind."""
+    url = str(tmp_path / "ckpt")
+    store = open_store(url)
+    a, b = "20260101T000000-0000000a", "20260101T000000-0000000b"
+    commit.begin(store, a, overwrite=overwrite)
+    write_atomic = store.write_atomic
+
+    def commit_a_after_b_marks_its_folder(rel: str, data: bytes) -> None:
+        write_atomic(rel, data)
+        if rel.startswith(commit.data_folder(b)):
+            commit.publish(store, a, b'{"save_id": "a"}', overwrite=overwrite)
+            assert commit.remove_stale(store, a) == [commit.data_folder(b) + commit.INCOMING]
+
+    store.write_atomic = commit_a_after_b_marks_its_folder
+    with pytest.raises(error, match=f"save {b} .*save {a}"):
+        commit.begin(store, b, overwrite=overwrite)
+    store.write_atomic = write_atomic
+    assert commit.current(store).save_id == a
+    assert _data_folders(store) == {commit.data_folder(a)}
+
+
 def test_cleanup_from_an_outdated_commit_spares_live_saves(tmp_path):
     """Commits a -> b; save x started before b (dead once b commits), save s after b (live).
     Cleanup seen from b removes a and x; seen from an outdated a, or from b, never s or b."""
     url = str(tmp_path / "ckpt")
-    store = Store(url)
+    store = open_store(url)
     a, b, s, x = (f"20260101T000000-0000000{c}" for c in "ab5e")
     commit.begin(store, a, overwrite=True)
     commit.publish(store, a, b"{}", overwrite=True)

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import torch_ucp
+from tests.support.dcp_io import load_plain, save_plain
 from torch_ucp import (
     CheckpointExistsError,
     LoadPlanError,
@@ -53,7 +54,7 @@ from torch_ucp import (
 from torch_ucp.demo.launch import run_distributed
 from torch_ucp.metadata.dtypes import dtype_names, name_to_dtype
 from torch_ucp.storage.reader import load_metadata
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import open_store
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "v1")
 
@@ -267,7 +268,7 @@ def case_async_process(path: str) -> list[str]:
                             async_checkpointer_type=AsyncCheckpointerType.PROCESS)
     metadata = future.result()
     problems = []
-    if metadata.storage_meta is None or metadata.storage_meta.save_id != load_metadata(Store(f"{path}/dcp")).save_id:
+    if metadata.storage_meta is None or metadata.storage_meta.save_id != load_metadata(open_store(f"{path}/dcp")).save_id:
         problems.append(f"async save's metadata: {metadata.storage_meta}")
     target = {"w": distribute_tensor(torch.zeros(9, 6), mesh, [Shard(1)], src_data_rank=None), "step": 0,
               "blob": bytearray()}
@@ -498,9 +499,9 @@ def case_storage_meta(path: str) -> list[str]:
     have a ``load_id``, new on every reset, set in the metadata they return."""
     problems = []
     metadata = save({"w": reference((4, 4))}, path)
-    header = load_metadata(Store(path))
+    header = load_metadata(open_store(path))
     meta = metadata.storage_meta
-    if meta is None or meta.save_id != header.save_id or meta.checkpoint_id != Store(path).url:
+    if meta is None or meta.save_id != header.save_id or meta.checkpoint_id != open_store(path).url:
         problems.append(f"dcp.save returned storage_meta {meta}, header save id {header.save_id}")
     reader = UCPReader(path)
     first = reader.load_id
@@ -582,7 +583,7 @@ def test_sharded_tensor_layouts_recorded(ws2, base, capsys):
         "blocks": (4, None, (0, 1)),
     }
     for plan, (fragments, placements, writers) in expected.items():
-        entry = load_metadata(Store(f"{root}/{plan}")).tensors["st"]
+        entry = load_metadata(open_store(f"{root}/{plan}")).tensors["st"]
         got = [(p.kind, p.dim) for p in entry.placements] if entry.placements else None
         assert (entry.fragments, got, entry.writers, entry.saved_as) == (
             fragments, placements, writers, "sharded_tensor"), plan
@@ -657,9 +658,8 @@ def test_load_state_dict_from_keys(ws4, base):
 def test_values_keep_their_type_with_stock_planners(tmp_path):
     path = str(tmp_path / "c")
     sd = {"w": torch.ones(2), "v": dict(VALUES)}
-    dcp.save(sd, storage_writer=UCPWriter(path), planner=DefaultSavePlanner(), no_dist=True)
-    target = {"w": torch.zeros(2), "v": dict(BLANK_VALUES)}
-    dcp.load(target, storage_reader=UCPReader(path), planner=DefaultLoadPlanner(), no_dist=True)
+    save_plain(path, sd, planner=DefaultSavePlanner())
+    target = load_plain(path, {"w": torch.zeros(2), "v": dict(BLANK_VALUES)}, planner=DefaultLoadPlanner())
     for k, v in VALUES.items():
         assert type(target["v"][k]) is type(v) and target["v"][k] == v, k
 

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from tests.support.deepspeed_ckpt import TinyModel, make_universal_checkpoint
 from torch_ucp.demo.launch import run_distributed
+from torch_ucp.errors import CheckpointNotFoundError
 from torch_ucp.interop import DeepSpeedUniversalReader
 
 pytestmark = pytest.mark.timeout(300)
@@ -254,7 +255,7 @@ def test_vocabulary_padding_is_stripped(ds_universal, tmp_path):
 
 def test_missing_directory(tmp_path):
     missing = tmp_path / "no_such_checkpoint"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         DeepSpeedUniversalReader(missing).read_metadata()
     # dcp.load reports a reader's error inside a CheckpointException (a BaseException).
     with pytest.raises(CheckpointException, match="no_such_checkpoint.*does not exist"):
@@ -262,7 +263,7 @@ def test_missing_directory(tmp_path):
             {"model": TinyModel().state_dict()}, storage_reader=DeepSpeedUniversalReader(missing)
         )
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a DeepSpeed universal checkpoint"):
+    with pytest.raises(CheckpointNotFoundError, match="not a DeepSpeed universal checkpoint"):
         DeepSpeedUniversalReader(tmp_path / "empty").read_metadata()
 
 
@@ -282,7 +283,7 @@ def test_missing_exp_avg_file_names_fqn_and_file(ds_universal, tmp_path, stage):
             planner=DefaultLoadPlanner(allow_partial_load=True),
         )
     message = str(excinfo.value)
-    assert "FileNotFoundError" in message or excinfo.type is FileNotFoundError
+    assert "CheckpointNotFoundError" in message  # a torch_ucp error (and a FileNotFoundError)
     assert "optim.state.layers.0.weight.exp_avg" in message
     assert str(missing) in message
 

@@ -7,11 +7,35 @@ them breaks exactly one file, and the guard below says which release was tested.
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict as _flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element as _set_element
+from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.planner_helpers import (
+    _create_write_item_for_bytesio,
+    _create_write_items,
+)
 from torch.distributed.tensor.placement_types import Shard, _StridedShard
 
 TESTED_TORCH = "2.13"
 """The torch release every private API below was checked against."""
+
+
+def _check_torch_version() -> None:
+    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if release != TESTED_TORCH:
+        warnings.warn(
+            f"torch_ucp was tested with torch {TESTED_TORCH}.x and relies on private APIs of it "
+            f"(torch_ucp/_compat.py); this is torch {torch.__version__}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_check_torch_version()
 
 StridedShard = _StridedShard
 """``_StridedShard``: FSDP2 + TP (or EP + FSDP) sharding of one dim over two mesh dims."""
@@ -37,7 +61,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t._local_tensor if isinstance(t, DTensor) else t
-
 
 
 def sharded_tensor_type() -> type:
@@ -66,3 +89,30 @@ def sharded_tensor_global_rank(st: torch.Tensor, group_rank: int) -> int:
     if group is None or not dist.is_initialized() or group is dist.GroupMember.WORLD:
         return group_rank
     return dist.get_global_rank(group, group_rank)
+
+
+def create_write_items(fqn: str, obj: Any) -> list[WriteItem]:
+    """DCP's write items for a tensor-like object it knows how to save (``ShardedTensor``, an
+    object with ``__create_write_items__``), exactly as ``DefaultSavePlanner`` makes them."""
+    return _create_write_items(fqn, obj)
+
+
+def create_write_item_for_bytes(fqn: str, obj: Any) -> WriteItem:
+    """DCP's ``BYTE_IO`` write item for a non-tensor value."""
+    return _create_write_item_for_bytesio(fqn, obj)
+
+
+def set_element(root: dict[str, Any], path: Any, value: Any) -> None:
+    """Put ``value`` into nested ``root`` at DCP's flatten-mapping ``path``."""
+    _set_element(root, path, value)
+
+
+def flatten_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DCP's flattening of a nested state dict: ``(flat, mapping)`` with dotted FQNs."""
+    return _flatten_state_dict(state)
+
+
+def open_stock_metadata(reader: Any, rank: int | None = None) -> Any:
+    """A binary stream of the ``.metadata`` object a stock ``FileSystemReader`` /
+    ``FsspecReader`` reads (``reader._get_metadata_path``, ``reader.fs``)."""
+    return reader.fs.create_stream(reader._get_metadata_path(rank), "rb")

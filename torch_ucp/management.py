@@ -30,7 +30,7 @@ from typing import Any
 from torch_ucp.errors import CheckpointError
 from torch_ucp.metadata.schema import METADATA_FILE
 from torch_ucp.storage.reader import load_metadata
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import Store, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _step_folders(run: Store) -> list[tuple[int, str]]:
 
 def _describe(run: Store, step: int, name: str, read_metadata: bool) -> StepCheckpoint:
     url = run.describe(name)
-    store = Store(url, run.storage_options)
+    store = open_store(url, run.storage_options)
     if not store.exists(METADATA_FILE):
         return StepCheckpoint(step, name, url, committed=False)
     if not read_metadata:
@@ -110,7 +110,7 @@ def list_checkpoints(
     ``read_metadata=False`` only checks which are committed (one existence check each).
     An absent run folder has no checkpoints.
     """
-    run = Store(run_url, storage_options)
+    run = open_store(run_url, storage_options)
     return [_describe(run, step, name, read_metadata) for step, name in _step_folders(run)]
 
 
@@ -119,7 +119,7 @@ def latest_checkpoint(run_url: str | os.PathLike, **storage_options: Any) -> Ste
 
     Incomplete step folders (a save in progress or a failed one) are passed over.
     """
-    run = Store(run_url, storage_options)
+    run = open_store(run_url, storage_options)
     for step, name in reversed(_step_folders(run)):
         found = _describe(run, step, name, read_metadata=True)
         if found.committed:
@@ -139,7 +139,7 @@ def prune_checkpoints(
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1 (the newest committed checkpoint), got {keep}")
-    run = Store(run_url, storage_options)
+    run = open_store(run_url, storage_options)
     committed = [c for c in list_checkpoints(run_url, read_metadata=False, **storage_options) if c.committed]
     doomed = committed[:-keep]
     for c in [] if dry_run else doomed:

@@ -48,7 +48,7 @@ from torch_ucp.cli.inspect import plural
 from torch_ucp.errors import CheckpointError
 from torch_ucp.interop.sources import CheckpointSource, open_source, select_keys
 from torch_ucp.sizes import human_bytes
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import open_store
 from torch_ucp.storage.writer import tensor_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -242,13 +242,13 @@ def export_safetensors(
         if max_shard_size is not None:
             raise CommandError("--max-shard-size needs an output folder, not a .safetensors file")
         parent, name = _split(out)
-        store = Store(parent, options)
+        store = open_store(parent, options)
         if store.exists(name) and not overwrite:
             raise CommandError(f"{out} exists; pass --overwrite to replace it")
         plan = [(name, items)]
         index_name = None
     else:
-        store = Store(out, options)
+        store = open_store(out, options)
         shards = shard(items, max_shard_size)
         if len(shards) == 1:
             plan = [(SINGLE_NAME, shards[0])]

@@ -92,8 +92,9 @@ def describe(source: CheckpointSource, patterns: list[str] | None = None) -> dic
                 source.pieces_name: t.pieces,
                 "mesh": _mesh_json(t.mesh),
                 "placements": [placement_to_json(p) for p in t.placements] if t.placements else None,
-                "saved_as": t.saved_as,
             }
+            if t.saved_as:  # only where it says something (a ShardedTensor), as in the header
+                tensors[key]["saved_as"] = t.saved_as
         else:
             v = source.values[key]
             values[key] = {"encoding": v.encoding, "bytes": v.nbytes}

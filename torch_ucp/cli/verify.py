@@ -9,7 +9,7 @@ from torch_ucp.cli.common import add_storage_arguments, progress, storage_option
 from torch_ucp.errors import CheckpointError
 from torch_ucp.sizes import human_bytes
 from torch_ucp.storage.reader import load_metadata
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import open_store
 from torch_ucp.verify import verify_checkpoint
 
 
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     options = storage_options(args)
     try:
-        total = load_metadata(Store(args.url, options)).total_tensor_bytes
+        total = load_metadata(open_store(args.url, options)).total_tensor_bytes
     except (CheckpointError, OSError):  # a damaged checkpoint: verify_checkpoint reports it
         total = None  # (and any other error, e.g. an unreachable endpoint, ends here at once)
     with progress(args, total, "verify") as update:

@@ -70,9 +70,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -90,7 +88,14 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
+from torch_ucp.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
 from torch_ucp.interop.base import IndexedReader
+from torch_ucp.storage.store import Store, open_store
 
 __all__ = ["DeepSpeedUniversalReader"]
 
@@ -130,7 +135,7 @@ class _Source:
 class _Index:
     """``Metadata.storage_data`` of this reader: the resolved root and one source per key."""
 
-    root: str
+    root: Store
     sources: dict[str, _Source] = field(default_factory=dict)
 
 
@@ -194,7 +199,7 @@ def _torch_load(source: Any, *, shapes_only: bool = False) -> Any:
             raise
         foreign = [name for name in unsafe if not name.startswith("deepspeed.")]
         if foreign:
-            raise pickle.UnpicklingError(
+            raise UnsafeCheckpointError(
                 f"refusing to unpickle {source}: it needs non-tensor globals {foreign}"
             ) from e
         with torch.serialization.safe_globals([(_stand_in(n), n) for n in unsafe]):
@@ -242,7 +247,7 @@ class DeepSpeedUniversalReader(IndexedReader):
         step_as: ``"tensor"`` (default) or ``"float"``: how the Adam step is offered.
         load_param_groups: also offer ``<optim_prefix>.param_groups.<i>.<key>`` from
             DeepSpeed's ``param_groups`` (off by default; see the module docstring).
-        **storage_options: passed to ``fsspec.core.url_to_fs``.
+        **storage_options: passed to fsspec (``endpoint_url=`` ...).
 
     The reader keeps only plain values (path, options, the small index built by
     ``read_metadata``), so it pickles.
@@ -262,7 +267,7 @@ class DeepSpeedUniversalReader(IndexedReader):
     ) -> None:
         super().__init__()
         if step_as not in ("tensor", "float"):
-            raise ValueError(f"step_as must be 'tensor' or 'float', not {step_as!r}")
+            raise ValueError(f"step_as must be 'tensor' or 'float', not {step_as!r}")  # a usage error
         self.path = os.fspath(path)
         self.model_prefix = model_prefix
         self.optim_prefix = optim_prefix
@@ -281,22 +286,19 @@ class DeepSpeedUniversalReader(IndexedReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike, **kwargs: Any) -> bool:
         try:
-            fs, root = fsspec.core.url_to_fs(os.fspath(checkpoint_id))
-            return fs.isdir(posixpath.join(root, ZERO_DIR)) or fs.isfile(
-                posixpath.join(root, LATEST_FILE)
-            )
-        except Exception:
+            store = open_store(checkpoint_id)
+            return store.is_dir(ZERO_DIR) or store.is_file(LATEST_FILE)
+        except Exception:  # noqa: BLE001 - "is this mine?": anything unreadable is not
             return False
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Index the universal checkpoint: one whole-tensor chunk per key."""
-        fs = self._fs()
-        root = self._resolve_root(fs)
+        root = self._resolve_root()
         index = _Index(root=root)
         state_md: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
 
-        files_by_param = self._list_param_files(fs, root)
-        model_states = self._model_states(fs, root)
+        files_by_param = self._list_param_files(root)
+        model_states = self._model_states(root)
         param_shapes: dict[str, tuple[int, ...]] = {}
         group_of: dict[str, int] = {}
         for group_id, shapes in enumerate(model_states.get("param_shapes") or []):
@@ -305,13 +307,11 @@ class DeepSpeedUniversalReader(IndexedReader):
                 group_of[name] = group_id
         uc_info = model_states.get("universal_checkpoint_info") or {}
         vocab_size = uc_info.get("original_vocab_size")
-        has_optimizer_file = fs.isfile(posixpath.join(root, ZERO_DIR, OPTIMIZER_STATE_FILE))
+        has_optimizer_file = root.is_file(f"{ZERO_DIR}/{OPTIMIZER_STATE_FILE}")
 
         for name in sorted(set(files_by_param) | set(param_shapes)):
             present = files_by_param.get(name, set())
-            shape, dtype, vocab_rows = self._peek_shape(
-                fs, root, name, present, param_shapes.get(name), vocab_size
-            )
+            shape, dtype, vocab_rows = self._peek_shape(root, name, present, param_shapes.get(name), vocab_size)
             trainable = name in param_shapes or bool(present - {"fp32.pt"})
             for state in TENSOR_STATES if trainable else ("fp32",):
                 fqn = self._fqn(name, state)
@@ -338,7 +338,7 @@ class DeepSpeedUniversalReader(IndexedReader):
 
         if self.load_param_groups and has_optimizer_file:
             relpath = f"{ZERO_DIR}/{OPTIMIZER_STATE_FILE}"
-            common = self._load(fs, root, relpath, shapes_only=True)
+            common = self._load(root, relpath, shapes_only=True)
             for group_id, group in enumerate(common.get("param_groups") or []):
                 for key in group:
                     if key == "params":
@@ -350,15 +350,15 @@ class DeepSpeedUniversalReader(IndexedReader):
                     state_md[fqn] = BytesStorageMetadata()
 
         if not index.sources:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"DeepSpeed universal checkpoint {self.path!r}: no parameters found under "
-                f"{posixpath.join(root, ZERO_DIR)}"
+                f"{root.describe(ZERO_DIR)}"
             )
         self._index = index
         return Metadata(
             state_dict_metadata=state_md,
             storage_data=index,
-            storage_meta=StorageMeta(checkpoint_id=root),
+            storage_meta=StorageMeta(checkpoint_id=root.url),
         )
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner, **kwargs: Any) -> Future[None]:
@@ -367,12 +367,11 @@ class DeepSpeedUniversalReader(IndexedReader):
             self.read_metadata()
         index = self._index
         assert index is not None
-        fs = self._fs()
         by_file: dict[str, list[tuple[ReadItem, _Source]]] = defaultdict(list)
         for item in plan.items:
             source = index.sources.get(item.storage_index.fqn)
             if source is None:
-                raise KeyError(
+                raise CheckpointError(
                     f"DeepSpeed universal checkpoint {self.path!r} has no key "
                     f"{item.storage_index.fqn!r}"
                 )
@@ -380,7 +379,7 @@ class DeepSpeedUniversalReader(IndexedReader):
 
         for relpath in sorted(by_file):
             items = by_file[relpath]
-            loaded = self._load(fs, index.root, relpath, needed_by=items)
+            loaded = self._load(index.root, relpath, needed_by=items)
             for item, source in items:
                 if item.type == LoadItemType.BYTE_IO:
                     buffer = io.BytesIO()
@@ -392,7 +391,7 @@ class DeepSpeedUniversalReader(IndexedReader):
                 src = _narrow(src, item.storage_offsets, item.lengths)
                 target = planner.resolve_tensor(item).detach()
                 if target.size() != src.size():
-                    raise ValueError(
+                    raise CorruptCheckpointError(
                         f"{item.storage_index.fqn}: target region {tuple(target.size())} does not "
                         f"match the checkpoint region {tuple(src.size())} read from {relpath}"
                     )
@@ -411,57 +410,50 @@ class DeepSpeedUniversalReader(IndexedReader):
             return f"{self.model_prefix}.{name}"
         return f"{self.optim_prefix}.state.{name}.{state}"
 
-    def _fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.path, **self.storage_options)[0]
-
-    def _resolve_root(self, fs: fsspec.AbstractFileSystem) -> str:
-        root = fsspec.core.url_to_fs(self.path, **self.storage_options)[1]
-        if fs.isdir(posixpath.join(root, ZERO_DIR)):
-            return root
-        latest = posixpath.join(root, LATEST_FILE)
-        if fs.isfile(latest):
-            tag = fs.cat_file(latest).decode().strip()
-            candidate = posixpath.join(root, tag)
-            if fs.isdir(posixpath.join(candidate, ZERO_DIR)):
+    def _resolve_root(self) -> Store:
+        """The folder holding ``zero/``: the given one, or the one ``latest_universal`` names."""
+        store = open_store(self.path, self.storage_options)
+        if store.is_dir(ZERO_DIR):
+            return store
+        if store.is_file(LATEST_FILE):
+            tag = store.read_bytes(LATEST_FILE, 4096).decode(errors="replace").strip()
+            candidate = store.child(tag)
+            if candidate.is_dir(ZERO_DIR):
                 return candidate
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"DeepSpeed universal checkpoint {self.path!r}: {LATEST_FILE} names {tag!r}, "
-                f"but {posixpath.join(candidate, ZERO_DIR)} does not exist"
+                f"but {candidate.describe(ZERO_DIR)} does not exist"
             )
-        if not fs.exists(root):
-            raise FileNotFoundError(f"DeepSpeed universal checkpoint {self.path!r} does not exist")
-        raise FileNotFoundError(
+        if not store.exists(""):
+            raise CheckpointNotFoundError(f"DeepSpeed universal checkpoint {self.path!r} does not exist")
+        raise CheckpointNotFoundError(
             f"{self.path!r} is not a DeepSpeed universal checkpoint: expected a "
             f"{ZERO_DIR}/ folder (ds_to_universal output) or a {LATEST_FILE} file in it"
         )
 
-    def _list_param_files(self, fs: fsspec.AbstractFileSystem, root: str) -> dict[str, set[str]]:
-        zero = posixpath.join(root, ZERO_DIR).rstrip("/")
+    def _list_param_files(self, root: Store) -> dict[str, set[str]]:
         files: dict[str, set[str]] = defaultdict(set)
-        for path in fs.find(zero):
-            rel = path[len(zero) + 1 :] if path.startswith(zero + "/") else path
+        for rel in root.find(ZERO_DIR):
+            rel = rel[len(ZERO_DIR) + 1 :] if rel.startswith(ZERO_DIR + "/") else rel
             name, _, filename = rel.rpartition("/")
             if name and "/" not in name and filename in _PARAM_FILES:
                 files[name].add(filename)
         return dict(files)
 
-    def _model_states(self, fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any]:
+    def _model_states(self, root: Store) -> dict[str, Any]:
         """The first non-expert model-states file (without its tensor bytes), or {}."""
         candidates = sorted(
-            posixpath.basename(p)
-            for p in fs.glob(posixpath.join(root, "*model_states.pt"))
-            if "expert" not in posixpath.basename(p)
+            posixpath.basename(p) for p in root.glob("*model_states.pt") if "expert" not in posixpath.basename(p)
         )
         if not candidates:
             return {}
         preferred = [c for c in candidates if c.startswith("mp_rank_")] or candidates
-        loaded = self._load(fs, root, preferred[0], shapes_only=True)
+        loaded = self._load(root, preferred[0], shapes_only=True)
         return loaded if isinstance(loaded, dict) else {}
 
     def _peek_shape(
         self,
-        fs: fsspec.AbstractFileSystem,
-        root: str,
+        root: Store,
         name: str,
         present: set[str],
         recorded: tuple[int, ...] | None,
@@ -472,11 +464,11 @@ class DeepSpeedUniversalReader(IndexedReader):
             if f"{state}.pt" not in present:
                 continue
             relpath = f"{ZERO_DIR}/{name}/{state}.pt"
-            loaded = self._load(fs, root, relpath, shapes_only=True)
+            loaded = self._load(root, relpath, shapes_only=True)
             tensor = _tensor_of(loaded)
             if tensor is None:
-                raise ValueError(
-                    f"{posixpath.join(root, relpath)}: expected a tensor or a dict with a "
+                raise CorruptCheckpointError(
+                    f"{root.describe(relpath)}: expected a tensor or a dict with a "
                     f"'param' tensor, found {type(loaded).__name__}"
                 )
             shape = tuple(tensor.shape)
@@ -493,64 +485,62 @@ class DeepSpeedUniversalReader(IndexedReader):
             if recorded is not None and shape != recorded and len(shape) == 1:
                 # ZeRO-3 writes flat tensors; the model-states file records the real shape.
                 if math.prod(recorded) != shape[0]:
-                    raise ValueError(
-                        f"{posixpath.join(root, relpath)}: flat tensor of {shape[0]} elements "
+                    raise CorruptCheckpointError(
+                        f"{root.describe(relpath)}: flat tensor of {shape[0]} elements "
                         f"cannot take the shape {recorded} recorded for {name!r} in param_shapes"
                     )
                 shape = recorded
             return shape, tensor.dtype, vocab_rows
         if recorded is None:  # unreachable: names come from files or param_shapes
-            raise FileNotFoundError(f"{name!r}: no tensor file under {ZERO_DIR}/{name}/")
+            raise CheckpointNotFoundError(f"{name!r}: no tensor file under {ZERO_DIR}/{name}/")
         return recorded, torch.float32, None
 
     def _load(
         self,
-        fs: fsspec.AbstractFileSystem,
-        root: str,
+        root: Store,
         relpath: str,
         *,
         shapes_only: bool = False,
         needed_by: list[tuple[ReadItem, _Source]] | None = None,
     ) -> Any:
-        path = posixpath.join(root, relpath)
         try:
-            if isinstance(fs, LocalFileSystem):
-                local = os.path.join(root, *relpath.split("/"))
-                if not os.path.isfile(local):
-                    raise FileNotFoundError(local)
+            local = root.local_file(relpath)
+            if local is not None:
                 return _torch_load(local, shapes_only=shapes_only)
-            with fs.open(path, "rb") as f:
+            with root.open_read(relpath) as f:
                 return _torch_load(f, shapes_only=shapes_only)
         except FileNotFoundError:
             if not needed_by:
-                raise
+                raise CheckpointNotFoundError(f"{root.describe(relpath)} does not exist") from None
             wanted = ", ".join(
                 f"{item.storage_index.fqn!r} ({source.state} of parameter {source.param!r})"
                 if source.param
                 else repr(item.storage_index.fqn)
                 for item, source in needed_by
             )
-            raise FileNotFoundError(
-                f"DeepSpeed universal checkpoint {self.path!r}: missing file {path}, "
+            raise CheckpointNotFoundError(
+                f"DeepSpeed universal checkpoint {self.path!r}: missing file {root.describe(relpath)}, "
                 f"expected to hold {wanted}"
             ) from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise CorruptCheckpointError(f"cannot read {root.describe(relpath)}: {e}") from e
 
     def _tensor(
-        self, source: _Source, loaded: Any, where: MetadataIndex, root: str
+        self, source: _Source, loaded: Any, where: MetadataIndex, root: Store
     ) -> torch.Tensor:
-        path = posixpath.join(root, source.relpath)
+        path = root.describe(source.relpath)
         if source.state == STEP_STATE:
             value = self._step(source, loaded, where.fqn, path)
             return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
         tensor = _tensor_of(loaded)
         if tensor is None:
-            raise ValueError(f"{where.fqn}: {path} holds no tensor ({type(loaded).__name__})")
+            raise CorruptCheckpointError(f"{where.fqn}: {path} holds no tensor ({type(loaded).__name__})")
         if source.vocab_rows is not None and tensor.size(0) > source.vocab_rows:
             tensor = tensor.narrow(0, 0, source.vocab_rows)
         assert source.shape is not None
         if tuple(tensor.shape) != source.shape:
             if tensor.numel() != math.prod(source.shape):
-                raise ValueError(
+                raise CorruptCheckpointError(
                     f"{where.fqn}: {path} holds a tensor of shape {tuple(tensor.shape)}, "
                     f"expected {source.shape}"
                 )
@@ -562,7 +552,7 @@ class DeepSpeedUniversalReader(IndexedReader):
             try:
                 value = loaded["optimizer_state_dict"]["state"][source.group]["step"]
             except (KeyError, IndexError, TypeError):
-                raise KeyError(
+                raise CorruptCheckpointError(
                     f"{fqn}: no step for parameter {source.param!r}: neither "
                     f"{ZERO_DIR}/{source.param}/step.pt nor an Adam step in {path} "
                     f"(optimizer_state_dict.state[{source.group}].step)"
@@ -570,7 +560,7 @@ class DeepSpeedUniversalReader(IndexedReader):
         else:
             value = loaded
         if isinstance(value, torch.Tensor) and value.numel() != 1:
-            raise ValueError(f"{fqn}: step in {path} has {value.numel()} elements")
+            raise CorruptCheckpointError(f"{fqn}: step in {path} has {value.numel()} elements")
         return value
 
     def _value(self, source: _Source, loaded: Any, fqn: str) -> Any:
@@ -579,4 +569,4 @@ class DeepSpeedUniversalReader(IndexedReader):
         if source.state == STEP_STATE:
             value = self._step(source, loaded, fqn, source.relpath)
             return float(value.item() if isinstance(value, torch.Tensor) else value)
-        raise ValueError(f"{fqn}: a tensor value was planned as bytes")
+        raise CheckpointError(f"{fqn}: a tensor value was planned as bytes")

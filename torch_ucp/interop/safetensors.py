@@ -56,7 +56,7 @@ from torch_ucp.metadata.schema import StoredBytes
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.reader import commit_callback
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.writer import tensor_bytes
 
 __all__ = [
@@ -221,13 +221,13 @@ class SafetensorsReader(IndexedReader):
         """``(store at the folder, files relative to it, index file or None)``."""
         parent, name = _split_url(self.path)
         if name.endswith(".index.json"):
-            return Store(parent, self.storage_options), [], name
+            return open_store(parent, self.storage_options), [], name
         if name.endswith(".safetensors"):
-            store = Store(parent, self.storage_options)
+            store = open_store(parent, self.storage_options)
             if not store.exists(name):
                 raise CheckpointNotFoundError(f"{self.path} does not exist")
             return store, [name], None
-        store = Store(self.path, self.storage_options)
+        store = open_store(self.path, self.storage_options)
         listing = store.list_dir("")
         if not listing:
             what = "does not exist" if not store.exists("") else "is empty"
@@ -303,7 +303,7 @@ class SafetensorsReader(IndexedReader):
         if path.endswith((".safetensors", ".safetensors.index.json")):
             return True
         try:
-            names = Store(path).list_dir("")
+            names = open_store(path).list_dir("")
         except Exception:  # noqa: BLE001 - not ours
             return False
         return INDEX_NAME in names or SINGLE_NAME in names
@@ -366,9 +366,9 @@ class SafetensorsReader(IndexedReader):
         if store is None or index.url != self.path:
             parent, name = _split_url(self.path)
             if name.endswith((".safetensors", ".index.json")):
-                store = Store(parent, self.storage_options)
+                store = open_store(parent, self.storage_options)
             else:
-                store = Store(self.path, self.storage_options)
+                store = open_store(self.path, self.storage_options)
             self._store = store
         return store
 

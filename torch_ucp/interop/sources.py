@@ -56,7 +56,7 @@ from torch_ucp.metadata.provenance import SaveInfo
 from torch_ucp.metadata.schema import METADATA_FILE, MeshInfo, PlacementInfo
 from torch_ucp.planner.load_planner import UCPLoadPlanner
 from torch_ucp.storage.reader import open_catalog
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import open_store
 
 __all__ = [
     "FORMATS",
@@ -384,7 +384,7 @@ def detect_format(url: str, storage_options: dict[str, Any] | None = None) -> st
     url = os.fspath(url)
     if url.endswith((".safetensors", ".safetensors.index.json")):
         return FORMAT_SAFETENSORS
-    store = Store(url, storage_options or {})
+    store = open_store(url, storage_options or {})
     with _errors(f"cannot read {url}"):
         if store.exists(METADATA_FILE):
             first = bytearray(1)
@@ -429,7 +429,7 @@ def open_source(
     options = dict(storage_options or {})
     fmt = format or detect_format(url, options)
     if fmt == FORMAT_UCP:
-        store = Store(url, options)
+        store = open_store(url, options)
         with _errors(f"cannot read {store.describe(METADATA_FILE)}"):
             catalog = open_catalog(store)
         return UCPSource(Checkpoint(store, catalog, verify=verify, allow_pickle=trust_pickle))

@@ -23,6 +23,7 @@ import functools
 import pickle
 from typing import Any
 
+from torch_ucp import _compat
 from torch_ucp.errors import NotStockCheckpointError
 
 _V2_PREFIX = b'{"header_crc32c":'
@@ -51,8 +52,7 @@ def is_torch_ucp_header(head: bytes) -> bool:
 
 def _sniff(reader: Any, rank: int | None) -> bool:
     try:
-        path = reader._get_metadata_path(rank)
-        with reader.fs.create_stream(path, "rb") as f:
+        with _compat.open_stock_metadata(reader, rank) as f:
             return is_torch_ucp_header(f.read(_SNIFF_BYTES))
     except Exception:  # noqa: BLE001 - no answer: the reader's own error stands
         return False

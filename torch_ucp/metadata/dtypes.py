@@ -98,7 +98,3 @@ def convertible(saved: torch.dtype, target: torch.dtype) -> bool:
 def dtype_names() -> list[str]:
     """Every format dtype name this torch has, in the order above."""
     return list(_DTYPES)
-
-
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from torch_ucp import _compat
+from torch_ucp.errors import SavePlanError
 from torch_ucp.metadata.placements import Box, boxes_for
 from torch_ucp.metadata.schema import MeshInfo, PlacementInfo
 
@@ -66,17 +67,17 @@ def local_shards(fqn: str, st: Any) -> list[tuple[Box, torch.Tensor]]:
         offsets, sizes = tuple(int(o) for o in md.shard_offsets), tuple(int(s) for s in md.shard_sizes)
         data = shard.tensor
         if tuple(data.shape) != sizes:
-            raise ValueError(
+            raise SavePlanError(
                 f"{fqn}: a local shard of the ShardedTensor at offsets {list(offsets)} has shape "
                 f"{tuple(data.shape)}, its metadata says {list(sizes)}"
             )
         if len(offsets) != len(shape) or any(o < 0 or o + n > s for o, n, s in zip(offsets, sizes, shape)):
-            raise ValueError(
+            raise SavePlanError(
                 f"{fqn}: a local shard at offsets {list(offsets)} of sizes {list(sizes)} lies "
                 f"outside the ShardedTensor's shape {list(shape)}"
             )
         if data.device.type == "meta":
-            raise ValueError(f"{fqn}: cannot save a ShardedTensor shard on the meta device")
+            raise SavePlanError(f"{fqn}: cannot save a ShardedTensor shard on the meta device")
         if math.prod(sizes):
             out.append((Box(offsets, sizes, (0,) * len(sizes)), data))
     return out

@@ -71,6 +71,7 @@ from typing import Any
 from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CheckpointExistsError, CommitConflictError
 from torch_ucp.metadata.schema import DATA_PREFIX, METADATA_FILE
+from torch_ucp.storage.retry import error_code
 from torch_ucp.storage.store import Store
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _s3_call(store: Store, method: str, rel: str, **kwargs: Any) -> Any:
 
 def current(store: Store) -> Committed | None:
     """The commit at the URL now, or ``None`` if it holds no metadata object."""
-    if store.is_local:
+    if store.posix:
         try:
             st = os.stat(store.path(METADATA_FILE), follow_symlinks=False)
         except FileNotFoundError:
@@ -232,9 +233,22 @@ def begin(store: Store, save_id: str, *, overwrite: bool) -> Committed | None:
         )
     if base is None or base.save_id is not None:
         remove_stale(store, base.save_id if base is not None else None)
+    try:
+        _create_marked_folder(store, save_id, _marker_bytes(save_id, base))
+    except FileNotFoundError as e:
+        # A save that committed meanwhile may remove this folder while it is being created
+        # (its base is outdated, so it can never commit): the same conflict publish() reports.
+        found = current(store)
+        if found is not None and (base is None or found.token != base.token):
+            discard(store, save_id)
+            raise _conflict(store, save_id, found, overwrite) from e
+        raise
+    return base
+
+
+def _create_marked_folder(store: Store, save_id: str, marker: bytes) -> None:
     folder = data_folder(save_id)
-    marker = _marker_bytes(save_id, base)
-    if store.is_local:  # the folder appears with its marker inside, never without
+    if store.posix:  # the folder appears with its marker inside, never without
         incoming = store.path(folder + INCOMING)
         os.makedirs(incoming)
         store.write_atomic(f"{folder}{INCOMING}/{MARKER}", marker)
@@ -242,7 +256,6 @@ def begin(store: Store, save_id: str, *, overwrite: bool) -> Committed | None:
         store.fsync_dir("")
     else:
         store.write_atomic(f"{folder}/{MARKER}", marker)
-    return base
 
 
 # -- 3. publish -------------------------------------------------------------------------------
@@ -271,7 +284,7 @@ def publish(
         )
     base = Committed.from_json(marker.get("base"))
     _check_objects(store, save_id, objects or {})
-    if store.is_local:
+    if store.posix:
         _publish_local(store, save_id, metadata, base, overwrite, marker)
     elif _is_s3(store):
         _publish_s3(store, save_id, metadata, base, overwrite)
@@ -427,7 +440,7 @@ def _publish_s3(
             _s3_call(store, "put_object", METADATA_FILE, Body=metadata,
                      Metadata={S3_SAVE_ID_KEY: save_id}, **condition)
         except OSError as e:
-            if _s3_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 raise
             found = current(store)
             if found is not None and found.save_id == save_id:
@@ -439,23 +452,13 @@ def _publish_s3(
     store.retrying(put, f"committing {store.describe(METADATA_FILE)}")
 
 
-def _s3_code(exc: BaseException) -> str | None:
-    cause = exc.__cause__
-    response = getattr(cause, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return str(code or status) if (code or status) else None
-    return None
-
-
 # -- failure and cleanup ----------------------------------------------------------------------
 def discard(store: Store, save_id: str) -> None:
     """Remove a failed save's own folder (best effort: a failure is logged, not raised)."""
     folder = data_folder(save_id)
     try:
         store.remove(folder)
-        if store.is_local:
+        if store.posix:
             store.remove(folder + INCOMING)
         logger.info("torch_ucp: removed the data of failed save %s", store.describe(folder))
     except Exception as e:  # noqa: BLE001 - the save's own error matters more

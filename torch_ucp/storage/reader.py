@@ -23,11 +23,12 @@ from torch_ucp.metadata.checksums import BlockGrid
 from torch_ucp.metadata.dcp import CatalogStateDict, catalog_metadata
 from torch_ucp.metadata.header import decode_metadata
 from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
+from torch_ucp.metadata.values import decode_value
 from torch_ucp.storage import stock_options
+from torch_ucp.storage.protocols import ValueLoadPlanner
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.transfer_log import log_load
-from torch_ucp.storage.values import decode_value
 
 
 def new_load_id() -> str:
@@ -100,7 +101,7 @@ def read_value_bytes(store: Store, entry: ValueEntry, meta: CheckpointMetadata, 
     return buf
 
 
-def read_object(
+def read_value(
     store: Store,
     entry: ValueEntry,
     meta: CheckpointMetadata,
@@ -194,7 +195,7 @@ class UCPReader(StorageReader):
         return self.store.url if self.store is not None else None
 
     def _store(self, url: str | os.PathLike) -> Store:
-        return Store(url, self.storage_options, follow_symlinks=self.follow_symlinks)
+        return open_store(url, self.storage_options, follow_symlinks=self.follow_symlinks)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
@@ -263,14 +264,7 @@ class UCPReader(StorageReader):
                     on_done=commit_callback(planner, item, planner_lock),
                 )
             )
-        reader = FragmentReader(
-            self.store,
-            verify=self.verify,
-            checksum_algorithm=meta.checksum_algorithm,
-            block_bytes=meta.checksum_block_bytes,
-            block_width=meta.checksum_block_width,
-            threads=self.threads,
-        )
+        reader = FragmentReader.for_checkpoint(self.store, meta, verify=self.verify, threads=self.threads)
         self.stats.add(reader.read(reads))
         log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
         fut: Future[None] = Future()
@@ -281,10 +275,9 @@ class UCPReader(StorageReader):
         self, item: ReadItem, entry: ValueEntry, meta: CheckpointMetadata, planner: LoadPlanner
     ) -> None:
         assert self.store is not None
-        value = read_object(self.store, entry, meta, self.verify, allow_pickle=self.allow_pickle)
-        load_object = getattr(planner, "load_object", None)
-        if load_object is not None:
-            load_object(item, value)
+        value = read_value(self.store, entry, meta, self.verify, allow_pickle=self.allow_pickle)
+        if isinstance(planner, ValueLoadPlanner):
+            planner.load_value(item, value)
             return
         buf = io.BytesIO()
         torch.save(value, buf)

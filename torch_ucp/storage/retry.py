@@ -58,7 +58,17 @@ _TRANSIENT_NAMES = {
 }
 
 
-def _error_code(exc: BaseException) -> str | None:
+def error_code(exc: BaseException) -> str | None:
+    """The object store's error code (or HTTP status) of ``exc`` or of the first error it
+    wraps (botocore's ``response``), e.g. ``"InvalidRange"``, ``"PreconditionFailed"``."""
+    for e in _causes(exc):
+        code = _response_code(e)
+        if code is not None:
+            return code
+    return None
+
+
+def _response_code(exc: BaseException) -> str | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")
@@ -101,7 +111,7 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if any(t.__name__ in _TRANSIENT_NAMES for t in type(e).__mro__):
             return True
-        if _error_code(e) in _TRANSIENT_CODES:
+        if _response_code(e) in _TRANSIENT_CODES:
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True

@@ -18,11 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageMeta,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -31,10 +29,11 @@ from torch.futures import Future
 from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CommitConflictError, UnsafeCheckpointError
 from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid, crc32c
+from torch_ucp.metadata.dcp import layout_from_dcp, write_item_nbytes
 from torch_ucp.metadata.fragments import FragmentRows, tensor_key
 from torch_ucp.metadata.header import encode_header
 from torch_ucp.metadata.index import encode_index
-from torch_ucp.metadata.provenance import UCP_KEY, SaveInfo
+from torch_ucp.metadata.provenance import PlannerData
 from torch_ucp.metadata.schema import (
     DATA_PREFIX,
     ITEM_ALIGNMENT,
@@ -42,19 +41,17 @@ from torch_ucp.metadata.schema import (
     IndexRef,
     SaveLayout,
     StoredBytes,
-    TensorEntry,
     ValueEntry,
     data_object_name,
     index_object_name,
 )
-from torch_ucp.planner.plan_table import write_item_nbytes
-from torch_ucp.planner.save_planner import PlannerData
+from torch_ucp.metadata.values import TORCH_SAVE, encode_value
 from torch_ucp.storage import commit, stock_options
 from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
-from torch_ucp.storage.store import Store
+from torch_ucp.storage.protocols import ValueSavePlanner
+from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.transfer_log import log_save
-from torch_ucp.storage.values import TORCH_SAVE, encode_value
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +165,7 @@ class UCPWriter(StorageWriter):
             ITEM_SIZE_MAX, block_bytes, multiple=ITEM_SIZE_MAX,
         )
         self.storage_options = storage_options
-        self.store = Store(url, storage_options) if url is not None else None
+        self.store = open_store(url, storage_options) if url is not None else None
         self.overwrite = overwrite
         self.allow_pickle = allow_pickle
         self._threads = threads
@@ -186,8 +183,7 @@ class UCPWriter(StorageWriter):
         """Writer threads (= data objects) per rank: 2 on local disk, 8 on object stores."""
         if self._threads:
             return self._threads
-        local = self.store is None or self.store.is_local
-        return knobs.write_threads() if local else knobs.remote_write_threads()
+        return self.store.default_write_threads if self.store is not None else knobs.write_threads()
 
     @property
     def url(self) -> str | None:
@@ -200,7 +196,7 @@ class UCPWriter(StorageWriter):
     # -- StorageWriter protocol ---------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
-            self.store = Store(checkpoint_id, self.storage_options)
+            self.store = open_store(checkpoint_id, self.storage_options)
         self.save_id = None
         self.bytes_written = 0
 
@@ -308,9 +304,8 @@ class UCPWriter(StorageWriter):
             tensor = planner.resolve_data(item)
             return tensor_bytes(tensor), None, self.block_grid(tuple(tensor.shape), tensor.dtype.itemsize)
         name = item.index.fqn
-        resolve_object = getattr(planner, "resolve_object", None)
-        if resolve_object is not None:
-            encoding, payload = encode_value(resolve_object(item), name=name, allow_pickle=self.allow_pickle)
+        if isinstance(planner, ValueSavePlanner):
+            encoding, payload = encode_value(planner.resolve_value(item), name=name, allow_pickle=self.allow_pickle)
         else:  # a stock planner hands over torch.save bytes: re-encode them without pickle
             encoding, payload = _reencode_stock_bytes(planner.resolve_data(item), name, self.allow_pickle)
         return memoryview(payload), encoding, self.block_grid((len(payload),), 1)
@@ -457,28 +452,6 @@ def checkpoint_metadata(
         torch_version=torch.__version__,
         created=time.time(),
     )
-
-
-def layout_from_dcp(metadata: Metadata, writers: dict[str, set[int]]) -> SaveLayout:
-    """The layout of a save planned by a stock planner: DCP's tensors with recorded writers."""
-    planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    info = SaveInfo.from_planner_data(planner_data)
-    layout = SaveLayout(patterns=info.patterns if info is not None else [])
-    layout.flatten_mapping = {k: list(v) for k, v in planner_data.items() if k != UCP_KEY}
-    for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            layout.flatten_mapping.setdefault(fqn, [fqn])
-            continue
-        assert isinstance(md, TensorStorageMetadata)
-        layout.tensors[fqn] = TensorEntry(
-            fqn=fqn,
-            dtype=md.properties.dtype,
-            shape=tuple(md.size),
-            fragments=len(md.chunks),
-            writers=tuple(sorted(writers.get(fqn, ()))),
-        )
-        layout.flatten_mapping.setdefault(fqn, [fqn])
-    return layout
 
 
 def compact_broadcast(metadata: Metadata, meta: CheckpointMetadata, header: bytes, store: Store) -> None:
