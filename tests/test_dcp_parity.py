@@ -44,6 +44,7 @@ from tests.support.dcp_io import load_plain, save_plain
 from torch_ucp import (
     CheckpointExistsError,
     LoadPlanError,
+    PatternError,
     UCPLoadPlanner,
     UCPReader,
     UCPSavePlanner,
@@ -53,6 +54,7 @@ from torch_ucp import (
 )
 from torch_ucp.demo.launch import run_distributed
 from torch_ucp.metadata.dtypes import dtype_names, name_to_dtype
+from torch_ucp.patterns import PaddedParam
 from torch_ucp.storage.reader import load_metadata
 from torch_ucp.storage.store import open_store
 
@@ -253,6 +255,32 @@ def case_st_stock_planners(path: str) -> list[str]:
         target = {"st": make_st(specs["blocks"], None)}
         dcp.load(target, checkpoint_id=f"{path}/stock_writer", planner=planner)
         problems += st_problems(f"UCPSavePlanner+FileSystemWriter -> {type(planner).__name__}", target["st"], full)
+    return problems
+
+
+def case_st_refusals(path: str) -> list[str]:
+    """What a ShardedTensor cannot do is refused, naming it: a layout pattern (on save or on a
+    load target), a target of another shape. A refused save commits nothing."""
+    specs, full, problems = _specs(), reference((10, 20), seed=7), []
+    expect = {
+        "pattern on save": (
+            lambda: dcp.save({"st": make_st(specs["rowwise"], full)}, storage_writer=UCPWriter(f"{path}/p"),
+                             planner=UCPSavePlanner(patterns=[PaddedParam("st", size=12)])),
+            PatternError, "st: layout patterns do not apply to ShardedTensors"),
+        "pattern on load": (
+            lambda: load({"st": make_st(specs["colwise"], None)}, f"{path}/ok",
+                         UCPLoadPlanner(patterns=[PaddedParam("st", size=12)])),
+            LoadPlanError, "st: layout patterns do not apply to ShardedTensor targets"),
+        "shape": (lambda: load({"st": make_st(specs["colwise"], None, shape=(10, 21))}, f"{path}/ok"),
+                  LoadPlanError, "st: shape mismatch: saved (10, 20), expected (10, 21)"),
+    }
+    save({"st": make_st(specs["rowwise"], full)}, f"{path}/ok")
+    for what, (fn, kind, words) in expect.items():
+        error = _error_of(fn)
+        if not isinstance(error, kind) or words not in str(error):
+            problems.append(f"{what}: {type(error).__name__}: {error}")
+    if os.path.exists(f"{path}/p/.metadata"):
+        problems.append("the refused save committed")
     return problems
 
 
@@ -519,7 +547,7 @@ def case_storage_meta(path: str) -> list[str]:
 
 
 CASES_WS2 = [case_st_rowwise_to_colwise, case_st_shard_plans, case_st_tensor_switch, case_st_dtensor_switch,
-             case_st_dtypes_and_nesting, case_st_stock_planners, case_async_process]
+             case_st_dtypes_and_nesting, case_st_stock_planners, case_st_refusals, case_async_process]
 CASES_WS4 = [case_dtensor_1d_placement_change, case_dtensor_2d_placement_change, case_dtensor_mesh_change,
              case_dtensor_empty_shards, case_nested_values_stateful, case_overwrite, case_partial_load,
              case_every_dtype, case_storage_meta]

@@ -415,7 +415,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         if source.logical_shape != shape:
             return f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}"
         ident = list(range(len(shape)))
-        for box, _ in sharded_tensor.local_shards(fqn, target):
+        for box, _ in sharded_tensor.local_shards(fqn, target, loading=True):
             items.extend(_box_requests(
                 fqn, box.local_offsets, box.global_offsets, box.lengths, source, ident, box.global_offsets
             ))

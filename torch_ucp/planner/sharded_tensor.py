@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from torch_ucp import _compat
-from torch_ucp.errors import SavePlanError
+from torch_ucp.errors import LoadPlanError, SavePlanError
 from torch_ucp.metadata.placements import Box, boxes_for
 from torch_ucp.metadata.schema import MeshInfo, PlacementInfo
 
@@ -57,9 +57,12 @@ def dtype_of(st: Any) -> torch.dtype:
     return st.metadata().tensor_properties.dtype
 
 
-def local_shards(fqn: str, st: Any) -> list[tuple[Box, torch.Tensor]]:
+def local_shards(fqn: str, st: Any, *, loading: bool = False) -> list[tuple[Box, torch.Tensor]]:
     """``(box, data)`` of every local shard holding elements: ``box`` is the shard's place in
-    the logical tensor (``local_offsets`` are zeros: the box is all of ``data``)."""
+    the logical tensor (``local_offsets`` are zeros: the box is all of ``data``). A shard that
+    contradicts its metadata is a :class:`SavePlanError` (a :class:`LoadPlanError` in a load
+    target, ``loading=True``)."""
+    error, verb = (LoadPlanError, "load into") if loading else (SavePlanError, "save")
     shape = tuple(st.size())
     out = []
     for shard in st.local_shards():
@@ -67,17 +70,17 @@ def local_shards(fqn: str, st: Any) -> list[tuple[Box, torch.Tensor]]:
         offsets, sizes = tuple(int(o) for o in md.shard_offsets), tuple(int(s) for s in md.shard_sizes)
         data = shard.tensor
         if tuple(data.shape) != sizes:
-            raise SavePlanError(
+            raise error(
                 f"{fqn}: a local shard of the ShardedTensor at offsets {list(offsets)} has shape "
                 f"{tuple(data.shape)}, its metadata says {list(sizes)}"
             )
         if len(offsets) != len(shape) or any(o < 0 or o + n > s for o, n, s in zip(offsets, sizes, shape)):
-            raise SavePlanError(
+            raise error(
                 f"{fqn}: a local shard at offsets {list(offsets)} of sizes {list(sizes)} lies "
                 f"outside the ShardedTensor's shape {list(shape)}"
             )
         if data.device.type == "meta":
-            raise SavePlanError(f"{fqn}: cannot save a ShardedTensor shard on the meta device")
+            raise error(f"{fqn}: cannot {verb} a ShardedTensor shard on the meta device")
         if math.prod(sizes):
             out.append((Box(offsets, sizes, (0,) * len(sizes)), data))
     return out
