@@ -6,6 +6,7 @@ UCPReader(url), planner=UCPLoadPlanner())`` or :func:`open_checkpoint`. Save in 
 background with :func:`async_save` (:mod:`torch_ucp.asynchronous`) and :func:`wait` for it.
 """
 
+from torch_ucp import knobs as _knobs
 from torch_ucp.api import load, save
 from torch_ucp.asynchronous import AsyncSaveHandle, AsyncSaver, async_save, wait
 from torch_ucp.checkpoint import Checkpoint, open_checkpoint
@@ -32,6 +33,11 @@ from torch_ucp.management import (
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.storage import UCPReader, UCPWriter
 
+if _knobs.explain_stock_readers():
+    from torch_ucp.interop import stock_readers as _stock_readers
+
+    _stock_readers.install()
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -46,6 +52,7 @@ __all__ = [
     "CorruptCheckpointError",
     "KeyNotFoundError",
     "LoadPlanError",
+    "NotStockCheckpointError",
     "PatternError",
     "SavePlanError",
     "UCPLoadPlanner",

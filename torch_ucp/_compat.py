@@ -63,6 +63,33 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
+def sharded_tensor_type() -> type:
+    """``ShardedTensor`` of ``torch.distributed._shard`` (FSDP1's ``SHARDED_STATE_DICT``,
+    torchrec, older checkpoints)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return ShardedTensor
+
+
+def chunk_sharding_dim(st: torch.Tensor) -> int | None:
+    """The sharded dim of a ShardedTensor built from a ``ChunkShardingSpec`` (``None`` for any
+    other sharding spec)."""
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    spec = st.sharding_spec()
+    return int(spec.dim) if isinstance(spec, ChunkShardingSpec) and isinstance(spec.dim, int) else None
+
+
+def sharded_tensor_global_rank(st: torch.Tensor, group_rank: int) -> int:
+    """The global rank of a ShardedTensor's placement rank (placements name ranks of the
+    tensor's own process group, ``ShardedTensor._process_group``)."""
+    import torch.distributed as dist
+
+    group = getattr(st, "_process_group", None)
+    if group is None or not dist.is_initialized() or group is dist.GroupMember.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
 
 def create_write_items(fqn: str, obj: Any) -> list[WriteItem]:
     """DCP's write items for a tensor-like object it knows how to save (``ShardedTensor``, an
@@ -83,3 +110,9 @@ def set_element(root: dict[str, Any], path: Any, value: Any) -> None:
 def flatten_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """DCP's flattening of a nested state dict: ``(flat, mapping)`` with dotted FQNs."""
     return _flatten_state_dict(state)
+
+
+def open_stock_metadata(reader: Any, rank: int | None = None) -> Any:
+    """A binary stream of the ``.metadata`` object a stock ``FileSystemReader`` /
+    ``FsspecReader`` reads (``reader._get_metadata_path``, ``reader.fs``)."""
+    return reader.fs.create_stream(reader._get_metadata_path(rank), "rb")

@@ -11,6 +11,8 @@ Through ``dcp.save``/``dcp.load`` every rank's error arrives wrapped in DCP's
 
 from __future__ import annotations
 
+import pickle
+
 
 class CheckpointError(Exception):
     """Base class of every torch_ucp error."""
@@ -22,6 +24,12 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class UnsupportedFormatError(CheckpointError):
     """The metadata is not a torch_ucp checkpoint, or of a format version this build cannot read."""
+
+
+class NotStockCheckpointError(UnsupportedFormatError, pickle.UnpicklingError):
+    """A stock DCP reader (``FileSystemReader``, ``FsspecReader``) was pointed at a torch_ucp
+    checkpoint; the message names the torch_ucp calls to use. Still an ``UnpicklingError``,
+    what the stock reader raised before, so existing handlers keep working."""
 
 
 class CorruptCheckpointError(CheckpointError):

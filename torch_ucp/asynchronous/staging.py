@@ -79,13 +79,14 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _poolable(t: torch.Tensor) -> bool:
-    """Plain strided tensors of ordinary dtypes go to the arena; anything else is deep-copied."""
+    """Plain strided tensors of ordinary dtypes go to the arena; anything else is deep-copied.
+    The type is checked first: subclasses such as ShardedTensor refuse the other attributes."""
     return (
-        t.layout == torch.strided
+        (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+        and t.layout == torch.strided
         and not t.is_quantized
         and not t.is_nested
         and t.device.type != "meta"
-        and (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
     )
 
 

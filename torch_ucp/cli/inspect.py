@@ -55,10 +55,15 @@ def _mesh(mesh: MeshInfo) -> str:
     return "(" + ", ".join(str(s) for s in mesh.shape) + ")"
 
 
+_SAVED_AS = {"sharded_tensor": "ShardedTensor"}
+
+
 def _layout(t: TensorInfo) -> str:
+    held = _SAVED_AS.get(t.saved_as, t.saved_as) if t.saved_as else None
     if t.mesh is None or t.placements is None:
-        return "-"
-    return f"mesh{_mesh(t.mesh)} [{', '.join(str(p) for p in t.placements)}]"
+        return f"{held} ({plural(t.pieces, 'shard')})" if held else "-"
+    layout = f"mesh{_mesh(t.mesh)} [{', '.join(str(p) for p in t.placements)}]"
+    return f"{held} {layout}" if held else layout
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -88,6 +93,8 @@ def describe(source: CheckpointSource, patterns: list[str] | None = None) -> dic
                 "mesh": _mesh_json(t.mesh),
                 "placements": [placement_to_json(p) for p in t.placements] if t.placements else None,
             }
+            if t.saved_as:  # only where it says something (a ShardedTensor), as in the header
+                tensors[key]["saved_as"] = t.saved_as
         else:
             v = source.values[key]
             values[key] = {"encoding": v.encoding, "bytes": v.nbytes}

@@ -86,6 +86,8 @@ class TensorInfo:
         mesh / placements: the DeviceMesh and DTensor placements it was saved from, where the
             checkpoint records them (torch_ucp; stock DCP saved with ``UCPSavePlanner``).
         path: the key's path in the nested state dict (DCP's flatten mapping), if recorded.
+        saved_as: what the saving ranks held, where the checkpoint says and it was neither a
+            DTensor nor a plain tensor (``"sharded_tensor"``).
     """
 
     fqn: str
@@ -95,6 +97,7 @@ class TensorInfo:
     mesh: MeshInfo | None = None
     placements: tuple[PlacementInfo, ...] | None = None
     path: tuple[Any, ...] | None = None
+    saved_as: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -217,6 +220,7 @@ class UCPSource(CheckpointSource):
                 meta.meshes[t.mesh] if t.mesh is not None and t.mesh < len(meta.meshes) else None,
                 t.placements,
                 tuple(mapping[fqn]) if fqn in mapping else None,
+                t.saved_as,
             )
         for fqn, o in meta.values.items():
             self.values[fqn] = ValueInfo(

@@ -159,6 +159,8 @@ class TensorEntry:
         writers: the ranks whose fragment indexes hold this tensor's rows, where they cannot
             be derived from ``mesh`` + ``placements`` (plain tensors, irregular layouts); ``None``
             when derived (see :mod:`torch_ucp.metadata.routing`).
+        saved_as: what the saving ranks held where it was neither a DTensor nor a plain tensor:
+            ``"sharded_tensor"`` (``torch.distributed._shard``); informational, ``None`` else.
     """
 
     fqn: str
@@ -169,6 +171,7 @@ class TensorEntry:
     placements: tuple[PlacementInfo, ...] | None = None
     dim_map: DimMap | None = None
     writers: tuple[int, ...] | None = None
+    saved_as: str | None = None
 
     @property
     def nbytes(self) -> int:

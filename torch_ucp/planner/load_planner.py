@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 from torch_ucp import _compat
 from torch_ucp.errors import CorruptCheckpointError, LoadPlanError
 from torch_ucp.metadata.catalog import FragmentCatalog
+from torch_ucp.metadata.dtypes import convertible
 from torch_ucp.metadata.placements import Box
 from torch_ucp.metadata.provenance import SaveInfo
 from torch_ucp.metadata.tiling import tiling_problem
@@ -39,6 +40,7 @@ from torch_ucp.patterns.engine import (
 )
 from torch_ucp.patterns.fused import FusedParam
 from torch_ucp.patterns.rename import Rename
+from torch_ucp.planner import sharded_tensor
 from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.planner.global_plan import ChunkList
 from torch_ucp.planner.layout import narrow, tensor_boxes
@@ -104,6 +106,7 @@ class _BoxRequest:
     lengths: tuple[int, ...]
     dest: tuple[int, ...]
     src_to_dest: list[int | None]
+    shard: tuple[int, ...] | None = None  # a ShardedTensor target: its local shard's offsets
 
 
 def _box_requests(
@@ -113,11 +116,12 @@ def _box_requests(
     lengths: tuple[int, ...],
     saved: _Saved,
     src_to_dest: list[int | None],
+    shard: tuple[int, ...] | None = None,
 ) -> list[_BoxRequest]:
     """The stored boxes behind the logical source box ``src_offsets``/``lengths`` of
     ``saved`` (more than one where a saved pattern interleaves or pads the stored tensor)."""
     if saved.dmap is None:
-        return [_BoxRequest(target_fqn, saved, src_offsets, lengths, dest_offsets, src_to_dest)]
+        return [_BoxRequest(target_fqn, saved, src_offsets, lengths, dest_offsets, src_to_dest, shard)]
     d = saved.dmap.dim
     out = []
     for stored, n, logical in saved.dmap.to_physical(src_offsets[d], lengths[d]):
@@ -133,6 +137,7 @@ def _box_requests(
                 lengths[:d] + (n,) + lengths[d + 1 :],
                 tuple(dest),
                 src_to_dest,
+                shard,
             )
         )
     return out
@@ -155,7 +160,7 @@ def _read_items(request: _BoxRequest) -> list[ReadItem]:
         items.append(
             ReadItem(
                 type=LoadItemType.TENSOR,
-                dest_index=MetadataIndex(request.fqn),
+                dest_index=MetadataIndex(request.fqn, request.shard),
                 dest_offsets=torch.Size(dest_at),
                 storage_index=MetadataIndex(request.saved.key, chunk_offsets, row),
                 storage_offsets=torch.Size(o - c for o, c in zip(hit_off, chunk_offsets)),
@@ -247,7 +252,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         is_coordinator: bool = False,
     ) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
-        self._views: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple[str, torch.Size | None], torch.Tensor] = {}
         self._stack_dims: dict[str, int] = {}
 
     # -- planning -------------------------------------------------------------------------
@@ -355,6 +360,20 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             if not isinstance(target, torch.Tensor):
                 problems.append((fqn, "missing"))
                 continue
+            source = saved.get(name)
+            if source is not None and not convertible(source.md.properties.dtype, _dtype(target)):
+                problems.append((fqn, (
+                    f"{fqn}: saved as {source.md.properties.dtype}, target is {_dtype(target)}: "
+                    "torch cannot convert between them (packed and bits dtypes load only as themselves)"
+                )))
+                continue
+            if sharded_tensor.is_sharded_tensor(target):
+                problem = self._plan_sharded_tensor(fqn, name, target, source, target_set, items)
+                if problem is not None:
+                    problems.append((fqn, problem))
+                else:
+                    used.add(source.key)
+                continue
             dmap = dim_map_for(target_set.dim_pattern(name), fqn, target, target.shape)
             shape = logical_shape(target.shape, dmap)
             boxes: list[Box] = []
@@ -362,7 +381,6 @@ class UCPLoadPlanner(DefaultLoadPlanner):
                 logical, padding = map_box(physical, dmap)
                 boxes.extend(logical)
                 self._zero_padding(fqn, target, physical, padding, dmap)
-            source = saved.get(name)
             if source is not None:
                 if source.logical_shape != shape:
                     problems.append((fqn, (
@@ -382,6 +400,26 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             else:
                 items.extend(stacked)
         return items, problems, used
+
+    @staticmethod
+    def _plan_sharded_tensor(
+        fqn: str, name: str, target: Any, source: _Saved | None, target_set: PatternSet, items: list
+    ) -> str | None:
+        """Requests filling every local shard of a ShardedTensor target from the saved tensor
+        (each shard is an exact box); a problem message, or "missing", if it cannot be."""
+        if target_set.dim_pattern(name) is not None or target_set.stacked(name) is not None:
+            return f"{fqn}: layout patterns do not apply to ShardedTensor targets"
+        if source is None:
+            return "missing"
+        shape = tuple(target.size())
+        if source.logical_shape != shape:
+            return f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}"
+        ident = list(range(len(shape)))
+        for box, _ in sharded_tensor.local_shards(fqn, target, loading=True):
+            items.extend(_box_requests(
+                fqn, box.local_offsets, box.global_offsets, box.lengths, source, ident, box.global_offsets
+            ))
+        return None
 
     def _plan_stacked(
         self,
@@ -476,10 +514,12 @@ class UCPLoadPlanner(DefaultLoadPlanner):
 
     # -- data -----------------------------------------------------------------------------
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        fqn = read_item.dest_index.fqn
-        view = self._views.get(fqn)
+        fqn, shard = read_item.dest_index.fqn, read_item.dest_index.offset
+        view = self._views.get((fqn, shard))
         if view is None:
-            view = self._views[fqn] = _compat.local_tensor(self.state_dict[fqn]).detach()
+            target = self.state_dict[fqn]
+            local = sharded_tensor.shard_data(target, shard) if shard is not None else _compat.local_tensor(target)
+            view = self._views[(fqn, shard)] = local.detach()
         lengths = tuple(read_item.lengths)
         if len(read_item.dest_offsets) == len(lengths):
             return narrow(view, read_item.dest_offsets, lengths)
@@ -523,6 +563,10 @@ def _default_target_patterns(recorded: list[Any], saved_patterns: list[Any] | No
             p = FusedParam(p.glob, p.parts, dim=p.dim, mesh_dim=p.mesh_dim)
         out.append(p)
     return out
+
+
+def _dtype(target: torch.Tensor) -> torch.dtype:
+    return sharded_tensor.dtype_of(target) if sharded_tensor.is_sharded_tensor(target) else target.dtype
 
 
 def _bytes_read(fqn: str, key: str) -> ReadItem:

@@ -46,7 +46,7 @@ from torch_ucp.metadata.schema import (
     index_object_name,
 )
 from torch_ucp.metadata.values import TORCH_SAVE, encode_value
-from torch_ucp.storage import commit
+from torch_ucp.storage import commit, stock_options
 from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.protocols import ValueSavePlanner
@@ -132,7 +132,9 @@ class UCPWriter(StorageWriter):
         allow_pickle: store values that have no pickle-free encoding with ``torch.save``
             (default: refuse them, naming the key and the type). Loading them then needs
             ``allow_pickle=True`` too.
-        **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ``anon=`` ...).
+        **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ``anon=`` ...), except
+            stock ``FileSystemWriter`` options (``thread_count``, ``sync_files`` ...), which are
+            honoured or refused with what to use instead (:mod:`~torch_ucp.storage.stock_options`).
     """
 
     def __init__(
@@ -147,6 +149,7 @@ class UCPWriter(StorageWriter):
         **storage_options: Any,
     ) -> None:
         super().__init__()
+        threads = stock_options.writer_threads(storage_options, threads)
         _check_flag("overwrite", overwrite)
         _check_flag("allow_pickle", allow_pickle)
         if threads is not None:
