@@ -627,7 +627,7 @@ def test_streamed_fragment_asked_again_after_release_fails_the_save():
     prepared = StagingPool().prepare({"t": t}, max_bytes=1)
     (leaf,) = prepared.leaves
     assert not leaf.pooled
-    planner = StreamingPlanner(UCPSavePlanner(), {id(t): leaf})
+    planner = StreamingPlanner.around(UCPSavePlanner(), {id(t): leaf})
     planner.set_up_planner({"t": t}, None, True)
     plan = planner.create_local_plan()
     plan = planner.finish_plan(plan)

@@ -20,18 +20,16 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from tests.support.dcp_io import save_plain as _save
 from tests.support.save_jobs import Outcome, SaveJob, job_state
 from torch_ucp import (
     CheckpointExistsError,
     CommitConflictError,
-    UCPSavePlanner,
     UCPWriter,
     UnsafeCheckpointError,
     open_checkpoint,
@@ -44,14 +42,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 TRIALS = 30
 CLEAN_FAILURES = {"CommitConflictError", "CheckpointExistsError"}
-
-
-def _save(url: str, state: dict, **writer_kwargs) -> UCPWriter:
-    writer = UCPWriter(url, **writer_kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, storage_writer=writer, planner=UCPSavePlanner(), no_dist=True)
-    return writer
 
 
 def _data_folders(store: Store) -> set[str]:
@@ -255,6 +245,31 @@ def test_commit_is_conditional_on_what_the_save_started_from(tmp_path):
     commit.publish(store, d, b'{"save_id": "d"}', overwrite=True)
     assert commit.current(store).save_id == d
     assert commit.read_marker(store, d)["base"]["save_id"] == a
+
+
+@pytest.mark.parametrize("overwrite, error", [(False, CheckpointExistsError), (True, CommitConflictError)])
+def test_a_save_whose_folder_is_removed_while_it_begins_fails_cleanly(tmp_path, overwrite, error):
+    """Save b finds an empty URL and starts creating its folder; save a commits right then and
+    its cleanup removes b's folder (b can never commit). b's begin raises the conflict as a
+    torch_ucp error (it was a bare FileNotFoundError once) and leaves nothing behind."""
+    url = str(tmp_path / "ckpt")
+    store = open_store(url)
+    a, b = "20260101T000000-0000000a", "20260101T000000-0000000b"
+    commit.begin(store, a, overwrite=overwrite)
+    write_atomic = store.write_atomic
+
+    def commit_a_after_b_marks_its_folder(rel: str, data: bytes) -> None:
+        write_atomic(rel, data)
+        if rel.startswith(commit.data_folder(b)):
+            commit.publish(store, a, b'{"save_id": "a"}', overwrite=overwrite)
+            assert commit.remove_stale(store, a) == [commit.data_folder(b) + commit.INCOMING]
+
+    store.write_atomic = commit_a_after_b_marks_its_folder
+    with pytest.raises(error, match=f"save {b} .*save {a}"):
+        commit.begin(store, b, overwrite=overwrite)
+    store.write_atomic = write_atomic
+    assert commit.current(store).save_id == a
+    assert _data_folders(store) == {commit.data_folder(a)}
 
 
 def test_cleanup_from_an_outdated_commit_spares_live_saves(tmp_path):

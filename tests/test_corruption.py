@@ -26,10 +26,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tests.support import format_v2 as spec
+from tests.support.dcp_io import load_plain as _load
 from torch_ucp import (
     CorruptCheckpointError,
-    UCPLoadPlanner,
-    UCPReader,
     UCPSavePlanner,
     UCPWriter,
     open_checkpoint,
@@ -61,18 +60,6 @@ def _target() -> dict:
         "run_name": "",
         "blob": b"",
     }
-
-
-def _load(path: str, state: dict, **reader_kwargs) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(
-            state,
-            storage_reader=UCPReader(path, **reader_kwargs),
-            planner=UCPLoadPlanner(),
-            no_dist=True,
-        )
-    return state
 
 
 @pytest.fixture(scope="module")

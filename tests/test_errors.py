@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import torch_ucp
 from torch_ucp.demo.launch import run_distributed
+from torch_ucp.patterns import Rename
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(300)]
 
@@ -162,3 +163,36 @@ def test_save_and_load_without_process_group(tmp_path):
     assert torch.equal(state["model"]["w"], torch.full((16, 4), 5.0))
     with pytest.raises(ValueError, match="give strict="):
         torch_ucp.load(state, url, strict=True, planner=torch_ucp.UCPLoadPlanner())
+
+
+def test_every_error_is_a_checkpoint_error_and_the_builtin_callers_expect():
+    expected = {
+        "CheckpointExistsError": FileExistsError,
+        "CheckpointNotFoundError": FileNotFoundError,
+        "LoadPlanError": ValueError,
+        "SavePlanError": ValueError,
+        "PatternError": ValueError,
+        "KeyNotFoundError": KeyError,
+    }
+    for name, builtin in expected.items():
+        cls = getattr(torch_ucp, name)
+        assert issubclass(cls, torch_ucp.CheckpointError) and issubclass(cls, builtin), name
+    for name in ("CommitConflictError", "CorruptCheckpointError", "UnsafeCheckpointError", "UnsupportedFormatError"):
+        assert issubclass(getattr(torch_ucp, name), torch_ucp.CheckpointError), name
+    # KeyError quotes its argument; ours reads as the sentence it is
+    assert str(torch_ucp.KeyNotFoundError("'x' is not in the checkpoint")) == "'x' is not in the checkpoint"
+
+
+def test_plan_and_lookup_errors_are_checkpoint_errors(tmp_path):
+    url = str(tmp_path / "c")
+    with pytest.raises(torch_ucp.SavePlanError, match="model.m: cannot save a tensor on the meta device"):
+        torch_ucp.save({"model": {"m": torch.empty(2, device="meta")}}, url)
+    with pytest.raises(torch_ucp.PatternError, match="renames map several keys to one name"):
+        planner = torch_ucp.UCPSavePlanner(patterns=[Rename(r"\.[ab]$", ".x")])
+        torch_ucp.save({"model": {"a": torch.ones(2), "b": torch.ones(2)}}, url, planner=planner)
+    torch_ucp.save(_state(), url)
+    ckpt = torch_ucp.open_checkpoint(url)
+    with pytest.raises(torch_ucp.KeyNotFoundError, match="'model.nope' is not in the checkpoint"):
+        ckpt.read("model.nope")
+    with pytest.raises(KeyError, match="'step' is a non-tensor value"):  # still a KeyError
+        ckpt.tensor_entry("step")

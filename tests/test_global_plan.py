@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-from torch_ucp import UCPSavePlanner
+from torch_ucp import SavePlanError, UCPSavePlanner
 from torch_ucp.metadata.provenance import SaveInfo
 from torch_ucp.planner.plan_table import LocalPlanTable, WriterAssignment
 
@@ -105,27 +105,27 @@ def test_sharded_items_from_many_ranks_are_sorted_and_attributed():
 def test_ranks_disagreeing_on_a_tensor_are_named():
     plans = [SavePlan([_item("w", (0, 0), (2, 4), (4, 4))]),
              SavePlan([_item("w", (2, 0), (2, 5), (4, 5))])]
-    with pytest.raises(ValueError, match=r"w: ranks disagree.*rank 0 has global shape \(4, 4\)"):
+    with pytest.raises(SavePlanError, match=r"w: ranks disagree.*rank 0 has global shape \(4, 4\)"):
         _global(plans)
 
 
 def test_gap_in_the_sharding_is_refused():
     plans = [SavePlan([_item("w", (0, 0), (2, 4), (5, 4))]),
              SavePlan([_item("w", (2, 0), (2, 4), (5, 4))])]
-    with pytest.raises(ValueError, match="w: fragments cover 16 of 20 elements"):
+    with pytest.raises(SavePlanError, match="w: fragments cover 16 of 20 elements"):
         _global(plans)
 
 
 def test_holders_disagreeing_on_a_fragment_extent_are_named():
     plans = [SavePlan([_item("w", (0, 0), (2, 4), (4, 4)), _item("w", (2, 0), (2, 4), (4, 4))]),
              SavePlan([_item("w", (0, 0), (3, 4), (4, 4))])]
-    with pytest.raises(ValueError, match=r"w: ranks 0 and 1 hold different fragments at offsets \[0, 0\]"):
+    with pytest.raises(SavePlanError, match=r"w: ranks 0 and 1 hold different fragments at offsets \[0, 0\]"):
         _global(plans)
 
 
 def test_fragment_outside_the_tensor_is_named():
     plans = [SavePlan([_item("w", (3, 0), (2, 4), (4, 4))])]
-    with pytest.raises(ValueError, match=r"w: rank 0 holds a fragment at offsets \[3, 0\].*outside"):
+    with pytest.raises(SavePlanError, match=r"w: rank 0 holds a fragment at offsets \[3, 0\].*outside"):
         _global(plans)
 
 
@@ -134,5 +134,5 @@ def test_stale_assignment_is_refused():
     new_plans, _ = _global(plans)
     planners[0].set_up_planner({"a": torch.zeros(2)}, None, True)
     planners[0].create_local_plan()
-    with pytest.raises(RuntimeError, match="assigns 2 items but this rank planned 1"):
+    with pytest.raises(SavePlanError, match="assigns 2 items but this rank planned 1"):
         planners[0].finish_plan(new_plans[0])

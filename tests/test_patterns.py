@@ -377,19 +377,19 @@ def test_padded_index_map_and_padding_ranges():
     boxes, padding = map_box(Box((4, 0), (4, 2), (0, 0)), dmap)
     assert boxes == [Box((4, 0), (2, 2), (0, 0))]
     assert padding == [(2, 2)]
-    with pytest.raises(ValueError, match=r"emb: .*needs at least 6 entries along dim 0.*\[5, 2\]"):
+    with pytest.raises(PatternError, match=r"emb: .*needs at least 6 entries along dim 0.*\[5, 2\]"):
         PaddedParam("emb", 6).dim_map("emb", (5, 2))
 
 
 def test_fused_errors_name_parameter_and_numbers():
     p = FusedParam(pm.QKV, (12, 2, 2))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(PatternError) as e:
         p.dim_map("model.layers.3.attention.wqkv.weight", (16, 8), 4)
     assert str(e.value) == (
         "model.layers.3.attention.wqkv.weight: cannot interleave parts [12, 2, 2] over tp degree 4: "
         "parts [2, 2] are not divisible by 4"
     )
-    with pytest.raises(ValueError, match=r"expects size 16 .* shape \[15, 8\]"):
+    with pytest.raises(PatternError, match=r"expects size 16 .* shape \[15, 8\]"):
         p.dim_map("w", (15, 8), 1)
 
 
@@ -418,9 +418,9 @@ def test_glob_double_star_and_item_component():
     assert glob_regex("**.experts.w1").match("model.layers.3.moe.experts.w1")
     assert glob_regex("**.experts.w1").match("optim.state.moe.experts.w1.exp_avg")
     assert not glob_regex("**.experts.w1").match("model.layers.3.moe.experts.0.w1")
-    with pytest.raises(ValueError, match=r"\{i\} is only allowed in StackedParam"):
+    with pytest.raises(PatternError, match=r"\{i\} is only allowed in StackedParam"):
         glob_regex("experts.{i}.w1")
-    with pytest.raises(ValueError, match=r"needs an \{i\} component"):
+    with pytest.raises(PatternError, match=r"needs an \{i\} component"):
         StackedParam("experts.w1", "experts.w1_item")
 
 
@@ -458,7 +458,7 @@ def test_patterns_round_trip_through_json():
     for p in patterns:
         again = Pattern.from_json(p.to_json())
         assert type(again) is type(p) and again.to_json() == p.to_json()
-    with pytest.raises(ValueError, match="unknown pattern kind 'nope'"):
+    with pytest.raises(PatternError, match="unknown pattern kind 'nope'"):
         Pattern.from_json({"kind": "nope"})
 
 

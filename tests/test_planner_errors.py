@@ -15,6 +15,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import SavePlan
 
+from tests.support.dcp_io import load_plain
+from tests.support.dcp_io import save_plain as _save
 from torch_ucp import (
     CheckpointExistsError,
     LoadPlanError,
@@ -49,27 +51,8 @@ def _target() -> dict:
     }
 
 
-def _save(path: str, state: dict, **writer_kwargs) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(
-            state,
-            storage_writer=UCPWriter(path, **writer_kwargs),
-            planner=UCPSavePlanner(),
-            no_dist=True,
-        )
-
-
 def _load(path: str, state: dict, **planner_kwargs) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(
-            state,
-            storage_reader=UCPReader(path),
-            planner=UCPLoadPlanner(**planner_kwargs),
-            no_dist=True,
-        )
-    return state
+    return load_plain(path, state, planner=UCPLoadPlanner(**planner_kwargs))
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from tests.support import format_v2 as spec
+from tests.support.dcp_io import load_plain as _load
+from tests.support.dcp_io import save_plain as _save
 from tests.support.payload import Payload
 from torch_ucp import (
     CorruptCheckpointError,
     UCPLoadPlanner,
     UCPReader,
-    UCPSavePlanner,
     UCPWriter,
     UnsafeCheckpointError,
     open_checkpoint,
@@ -50,21 +51,6 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "v1")
 
 def _failure(e: BaseException) -> BaseException:
     return next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
-
-
-def _save(url: str, state: dict, **writer_kwargs) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, storage_writer=UCPWriter(url, **writer_kwargs), planner=UCPSavePlanner(),
-                 no_dist=True)
-
-
-def _load(url: str, state: dict, reader=None, planner=None) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, storage_reader=reader or UCPReader(url), planner=planner or UCPLoadPlanner(),
-                 no_dist=True)
-    return state
 
 
 # -- pickle payloads ---------------------------------------------------------------------------

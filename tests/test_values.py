@@ -1,4 +1,4 @@
-"""Non-tensor values without pickle (torch_ucp.storage.values, docs/FORMAT.md "Value encodings").
+"""Non-tensor values without pickle (torch_ucp.metadata.values, docs/FORMAT.md "Value encodings").
 
 Every value ordinary training state holds round-trips with its exact type; anything else is
 refused at save (naming the key, where inside the value, and the type) unless the writer opts in;
@@ -17,8 +17,8 @@ import torch
 from torch.distributed.fsdp import ShardingStrategy
 
 from torch_ucp import CorruptCheckpointError, UnsafeCheckpointError
-from torch_ucp.storage.cbor import MAX_DEPTH, Tag, dumps, loads
-from torch_ucp.storage.values import decode_value, encode_value
+from torch_ucp.metadata.cbor import MAX_DEPTH, Tag, dumps, loads
+from torch_ucp.metadata.values import decode_value, encode_value
 
 
 def same(a, b) -> bool:

@@ -8,14 +8,36 @@ them breaks exactly one file, and the guard below says which release was tested.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict as _flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element as _set_element
+from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.planner_helpers import (
+    _create_write_item_for_bytesio,
+    _create_write_items,
+)
 from torch.distributed.tensor.placement_types import Shard, _StridedShard
 
 TESTED_TORCH = "2.13"
 """The torch release every private API below was checked against."""
+
+
+def _check_torch_version() -> None:
+    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if release != TESTED_TORCH:
+        warnings.warn(
+            f"torch_ucp was tested with torch {TESTED_TORCH}.x and relies on private APIs of it "
+            f"(torch_ucp/_compat.py); this is torch {torch.__version__}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_check_torch_version()
 
 StridedShard = _StridedShard
 """``_StridedShard``: FSDP2 + TP (or EP + FSDP) sharding of one dim over two mesh dims."""
@@ -42,6 +64,26 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
     return t._local_tensor if isinstance(t, DTensor) else t
 
+
+def create_write_items(fqn: str, obj: Any) -> list[WriteItem]:
+    """DCP's write items for a tensor-like object it knows how to save (``ShardedTensor``, an
+    object with ``__create_write_items__``), exactly as ``DefaultSavePlanner`` makes them."""
+    return _create_write_items(fqn, obj)
+
+
+def create_write_item_for_bytes(fqn: str, obj: Any) -> WriteItem:
+    """DCP's ``BYTE_IO`` write item for a non-tensor value."""
+    return _create_write_item_for_bytesio(fqn, obj)
+
+
+def set_element(root: dict[str, Any], path: Any, value: Any) -> None:
+    """Put ``value`` into nested ``root`` at DCP's flatten-mapping ``path``."""
+    _set_element(root, path, value)
+
+
+def flatten_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DCP's flattening of a nested state dict: ``(flat, mapping)`` with dotted FQNs."""
+    return _flatten_state_dict(state)
 
 
 _DATA_RECORD = re.compile(r"(.*/)?data/\d+")  # a storage's record in a torch.save zip file

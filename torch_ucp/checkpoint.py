@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from torch_ucp.errors import KeyNotFoundError
 from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
 from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
 from torch_ucp.planner.boxes import intersect
-from torch_ucp.storage.reader import open_catalog, read_object
+from torch_ucp.storage.reader import open_catalog, read_value
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store, open_store
 
@@ -70,13 +71,7 @@ class Checkpoint:
         self.verify = normalize_verify(verify)
         self.allow_pickle = bool(allow_pickle)
         self.stats = ReadStats()
-        self._reader = FragmentReader(
-            store,
-            verify=self.verify,
-            checksum_algorithm=catalog.meta.checksum_algorithm,
-            block_bytes=catalog.meta.checksum_block_bytes,
-            block_width=catalog.meta.checksum_block_width,
-        )
+        self._reader = FragmentReader.for_checkpoint(store, catalog.meta, verify=self.verify)
 
     @property
     def metadata(self) -> CheckpointMetadata:
@@ -105,7 +100,7 @@ class Checkpoint:
             return self.metadata.tensors[fqn]
         except KeyError:
             kind = "a non-tensor value" if fqn in self.metadata.values else "not in the checkpoint"
-            raise KeyError(f"{fqn!r} is {kind} ({self.url})") from None
+            raise KeyNotFoundError(f"{fqn!r} is {kind} ({self.url})") from None
 
     def fragments(self, fqn: str) -> list[Fragment]:
         """Every fragment of tensor ``fqn`` (boxes, data objects, byte ranges, writer ranks),
@@ -128,7 +123,7 @@ class Checkpoint:
         if fqn in self.metadata.values:
             if index is not None:
                 raise IndexError(f"{fqn!r} is a non-tensor value and cannot be sliced")
-            return read_object(
+            return read_value(
                 self.store, self.metadata.values[fqn], self.metadata, self.verify,
                 allow_pickle=self.allow_pickle,
             )

@@ -1,4 +1,13 @@
-"""Exceptions raised by torch_ucp. Each message names the tensor, the object and what was expected."""
+"""Exceptions raised by torch_ucp. Each message names the tensor, the object and what was expected.
+
+Every problem with a checkpoint or with the state being saved or loaded is a
+:class:`CheckpointError`; the subclasses say which kind (and several also derive from the
+built-in exception a caller would expect: ``FileNotFoundError``, ``FileExistsError``,
+``ValueError``, ``KeyError``). Wrong arguments to a torch_ucp function (a negative thread
+count, ``overwrite="no"``) are ordinary ``TypeError``/``ValueError``, as in the standard library.
+Through ``dcp.save``/``dcp.load`` every rank's error arrives wrapped in DCP's
+``CheckpointException``: :func:`rank_error` takes it out (``torch_ucp.save``/``load`` do).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +30,23 @@ class CorruptCheckpointError(CheckpointError):
 
 class LoadPlanError(CheckpointError, ValueError):
     """The target state dict does not fit the checkpoint (missing/unexpected keys, shapes)."""
+
+
+class SavePlanError(CheckpointError, ValueError):
+    """The state dict cannot be saved as given: shards that overlap or leave a gap, ranks that
+    disagree on a tensor, a ``Partial`` placement, a meta tensor, a planner reused across
+    saves."""
+
+
+class PatternError(CheckpointError, ValueError):
+    """A pattern list that is malformed, ambiguous, unused, or impossible for a tensor."""
+
+
+class KeyNotFoundError(CheckpointError, KeyError):
+    """A key that is not in the checkpoint (or not a tensor / value, as asked)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence
+        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointExistsError(CheckpointError, FileExistsError):

@@ -8,16 +8,26 @@ writer/reader take explicit arguments that win over both.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(f"TORCH_UCP_{name}")
-    return int(value) if value else default
+    return _env(name, default, int, "an integer")
 
 
 def _env_float(name: str, default: float) -> float:
+    return _env(name, default, float, "a number")
+
+
+def _env(name: str, default: Any, parse: Callable[[str], Any], expected: str) -> Any:
     value = os.environ.get(f"TORCH_UCP_{name}")
-    return float(value) if value else default
+    if not value:
+        return default
+    try:
+        return parse(value)
+    except ValueError:
+        raise ValueError(f"environment variable TORCH_UCP_{name}={value!r}: expected {expected}") from None
 
 
 def write_threads() -> int:

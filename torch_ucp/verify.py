@@ -13,10 +13,10 @@ import torch
 from torch_ucp.errors import CheckpointError
 from torch_ucp.metadata.catalog import FragmentCatalog
 from torch_ucp.metadata.tiling import tiling_problem
+from torch_ucp.metadata.values import TORCH_SAVE, decode_value
 from torch_ucp.storage.reader import open_catalog, read_value_bytes
 from torch_ucp.storage.reading import BoxRead, FragmentReader
 from torch_ucp.storage.store import open_store
-from torch_ucp.storage.values import TORCH_SAVE, decode_value
 
 _BATCH_BYTES = 256 << 20  # bound on host memory while verifying
 
@@ -91,13 +91,7 @@ def verify_checkpoint(
                 f"{catalog.names[int(rows.tensor[i])]}: fragment at {list(f.offsets)} needs bytes up to "
                 f"{int(ends[i])} of {store.describe(name)}, which has {sizes[name]}"
             )
-    reader = FragmentReader(
-        store,
-        verify=True,
-        checksum_algorithm=meta.checksum_algorithm,
-        block_bytes=meta.checksum_block_bytes,
-        block_width=meta.checksum_block_width,
-    )
+    reader = FragmentReader.for_checkpoint(store, meta)
     batch: list[BoxRead] = []
     batch_bytes = 0
 

@@ -72,9 +72,8 @@ Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
 
 def default_max_staging_bytes() -> int | None:
     """The knob ``TORCH_UCP_MAX_STAGING_BYTES`` (unset or 0: no bound)."""
-    knob = getattr(knobs, "max_staging_bytes", None)
-    value = knob() if knob is not None else int(os.environ.get(MAX_STAGING_BYTES_ENV) or 0)
-    return value if value and value > 0 else None
+    value = knobs.max_staging_bytes()
+    return value if value > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +438,7 @@ class _SaveJob:
     def set_planner(self, planner: SavePlanner, prepared: PreparedState) -> None:
         streamed = {id(leaf.source): leaf for leaf in prepared.leaves if not leaf.pooled}
         if streamed:
-            self.streaming = StreamingPlanner(planner, streamed, on_release=self.handle._mark_staged)
+            self.streaming = StreamingPlanner.around(planner, streamed, on_release=self.handle._mark_staged)
             planner = self.streaming
         self.planner = planner
 

@@ -178,7 +178,6 @@ class StagingPool:
             logger.warning("torch_ucp: pin_memory needs CUDA; staging into pageable memory")
         self.pin_memory = cuda if pin_memory is None else bool(pin_memory) and cuda
         self.allocations = 0
-        self.allocated_bytes = 0  # total over all allocations (grows only on re-allocation)
         self._arena: torch.Tensor | None = None
         self._mmap: mmap.mmap | None = None
         self._pinned_ptr: int | None = None
@@ -214,7 +213,6 @@ class StagingPool:
             self._pin(arena)
         self._mmap, self._arena = m, arena
         self.allocations += 1
-        self.allocated_bytes += nbytes
         logger.info(
             "torch_ucp: allocated a %.1f MiB staging arena%s (allocation %d)",
             nbytes / 2**20, " (pinned)" if self._pinned_ptr is not None else "", self.allocations,

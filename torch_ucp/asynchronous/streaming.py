@@ -18,7 +18,6 @@ fails with :class:`torch_ucp.CheckpointError` instead of writing bytes from a la
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 
 from torch_ucp.asynchronous.staging import StagedLeaf, copy_into, unpooled_buffer
 from torch_ucp.errors import CheckpointError
+from torch_ucp.storage.protocols import ValueSavePlanner
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,21 @@ class StreamingPlanner(SavePlanner):
         self.all_copied = False  # every streamed fragment of this rank was copied
         self.copied_bytes = 0
 
-    def __getattr__(self, name: str) -> Any:  # resolve_object, state_dict, metadata ...
-        if name.startswith("__") or name == "_inner":
-            raise AttributeError(name)
-        return getattr(self._inner, name)
+    @classmethod
+    def around(
+        cls,
+        inner: SavePlanner,
+        streamed: Mapping[int, StagedLeaf],
+        on_release: Callable[[], None] | None = None,
+    ) -> StreamingPlanner:
+        """A streaming planner around ``inner`` that also hands over raw values (the
+        :class:`~torch_ucp.storage.protocols.ValueSavePlanner` protocol) when ``inner`` does."""
+        kind = _StreamingValuePlanner if isinstance(inner, ValueSavePlanner) else cls
+        return kind(inner, streamed, on_release)
+
+    @property
+    def inner(self) -> SavePlanner:
+        return self._inner
 
     # -- SavePlanner protocol -----------------------------------------------------------------
     def set_up_planner(
@@ -79,12 +90,7 @@ class StreamingPlanner(SavePlanner):
         storage_meta: StorageMeta | None = None,
         is_coordinator: bool = False,
     ) -> None:
-        if "storage_meta" in inspect.signature(self._inner.set_up_planner).parameters:
-            self._inner.set_up_planner(
-                state_dict=state_dict, storage_meta=storage_meta, is_coordinator=is_coordinator
-            )
-        else:  # planners written for torch < 2.4
-            self._inner.set_up_planner(state_dict, is_coordinator)  # type: ignore[call-arg]
+        self._inner.set_up_planner(state_dict=state_dict, storage_meta=storage_meta, is_coordinator=is_coordinator)
 
     def create_local_plan(self) -> SavePlan:
         return self._inner.create_local_plan()
@@ -148,3 +154,11 @@ class StreamingPlanner(SavePlanner):
         state = getattr(self._inner, "state_dict", None)
         obj = state.get(item.index.fqn) if isinstance(state, dict) else None
         return None if obj is None else self._streamed.get(id(obj))
+
+
+class _StreamingValuePlanner(StreamingPlanner):
+    """:class:`StreamingPlanner` around a planner that hands over raw values: values are never
+    streamed (they are staged with the state), so they pass straight through."""
+
+    def resolve_value(self, write_item: WriteItem) -> Any:
+        return self._inner.resolve_value(write_item)  # type: ignore[attr-defined]

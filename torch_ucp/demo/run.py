@@ -21,15 +21,14 @@ from typing import Any
 
 import torch
 
+from torch_ucp import _compat
 from torch_ucp.demo.launch import run_distributed
 from torch_ucp.demo.model import ModelConfig, build, train_step
 
 
 def _flatten(state: dict[str, Any]) -> dict[str, Any]:
     """DCP's own flattening, so keys match the checkpoint's FQNs."""
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
-    return flatten_state_dict(state)[0]
+    return _compat.flatten_state_dict(state)[0]
 
 
 def _full(value: Any) -> Any:

@@ -1,14 +1,18 @@
-"""DCP's :class:`Metadata` over a :class:`~torch_ucp.metadata.catalog.FragmentCatalog`, lazily.
+"""DCP's types and the torch_ucp format, translated both ways.
 
-DCP's load flow asks the storage reader for a ``Metadata`` before any planning. torch_ucp's
+Load: DCP's flow asks the storage reader for a ``Metadata`` before any planning. torch_ucp's
 holds the header's tensor table (sizes, dtypes: no I/O) and makes a tensor's chunk list, which
 needs every fragment of the tensor, only when a planner asks for it: a stock
 ``DefaultLoadPlanner`` does, per tensor; :class:`~torch_ucp.UCPLoadPlanner` never does (it asks
 the catalog, in ``storage_data``, for the fragments its boxes overlap).
+
+Save: the stored size of a ``WriteItem``, and the :class:`SaveLayout` of a save planned by a
+stock planner (DCP's tensors, with the writers the coordinator recorded).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,8 +25,11 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from torch.distributed.checkpoint.planner import WriteItem
 
 from torch_ucp.metadata.catalog import FragmentCatalog
+from torch_ucp.metadata.provenance import UCP_KEY, SaveInfo
+from torch_ucp.metadata.schema import SaveLayout, TensorEntry
 
 
 class CatalogChunks(Sequence):
@@ -118,3 +125,31 @@ def catalog_metadata(catalog: FragmentCatalog, checkpoint_id: str) -> Metadata:
         storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=meta.save_id),
     )
 
+
+def write_item_nbytes(item: WriteItem) -> int:
+    """Bytes an item occupies in storage (a value: its serialized size, if known)."""
+    if item.tensor_data is None:
+        return item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+
+
+def layout_from_dcp(metadata: Metadata, writers: dict[str, set[int]]) -> SaveLayout:
+    """The layout of a save planned by a stock planner: DCP's tensors with recorded writers."""
+    planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    info = SaveInfo.from_planner_data(planner_data)
+    layout = SaveLayout(patterns=info.patterns if info is not None else [])
+    layout.flatten_mapping = {k: list(v) for k, v in planner_data.items() if k != UCP_KEY}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            layout.flatten_mapping.setdefault(fqn, [fqn])
+            continue
+        assert isinstance(md, TensorStorageMetadata)
+        layout.tensors[fqn] = TensorEntry(
+            fqn=fqn,
+            dtype=md.properties.dtype,
+            shape=tuple(md.size),
+            fragments=len(md.chunks),
+            writers=tuple(sorted(writers.get(fqn, ()))),
+        )
+        layout.flatten_mapping.setdefault(fqn, [fqn])
+    return layout

@@ -39,7 +39,3 @@ def name_to_dtype(name: str) -> torch.dtype:
         raise ValueError(
             f"unknown dtype {name!r} in checkpoint metadata; known: {sorted(_DTYPES)}"
         ) from None
-
-
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -11,7 +11,7 @@ placements, patterns and the writer of every chunk (docs/FORMAT.md, "Stock DCP c
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,3 +98,29 @@ def save_info(layout: SaveLayout, chunk_writers: Mapping[str, Sequence[int]]) ->
                 "ranks": ranks,
             }
     return info
+
+
+class PlannerData(dict):
+    """``Metadata.planner_data`` of a torch_ucp save: DCP's flatten mapping (what stock loaders
+    read), plus the typed :class:`SaveLayout` the torch_ucp writer commits (``layout``).
+
+    Pickled (a stock writer writing ``.metadata``), it becomes a plain dict that also carries
+    the layout as JSON under :data:`UCP_KEY`, computed only then (``chunk_writers`` gives the
+    writer of every chunk): the torch_ucp writer never needs it.
+    """
+
+    def __init__(
+        self,
+        mapping: dict[str, tuple],
+        layout: SaveLayout,
+        chunk_writers: Callable[[], Mapping[str, Sequence[int]]],
+    ) -> None:
+        super().__init__(mapping)
+        self.layout = layout
+        self._chunk_writers = chunk_writers
+
+    def provenance_json(self) -> str:
+        return save_info(self.layout, self._chunk_writers()).to_json()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, ({**self, UCP_KEY: self.provenance_json()},))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from torch_ucp.errors import PatternError
 from torch_ucp.metadata.schema import DimMap, Segment
 
 __all__ = ["DimMap", "Pattern", "Segment", "glob_regex"]
@@ -76,9 +77,9 @@ class Glob:
                 self._parts.append(_DOUBLE)
             elif _ITEM in comp:
                 if not item:
-                    raise ValueError(f"{{i}} is only allowed in StackedParam globs: {glob!r}")
+                    raise PatternError(f"{{i}} is only allowed in StackedParam globs: {glob!r}")
                 if comp != _ITEM or _ITEM in self._parts:
-                    raise ValueError(f"{{i}} must be one whole component, once: {glob!r}")
+                    raise PatternError(f"{{i}} must be one whole component, once: {glob!r}")
                 self._parts.append(_ITEM)
             else:
                 self._parts.append(_Component(comp))
@@ -170,5 +171,5 @@ class Pattern:
         try:
             cls = _REGISTRY[kind]
         except KeyError:
-            raise ValueError(f"unknown pattern kind {kind!r} (known: {sorted(_REGISTRY)})") from None
+            raise PatternError(f"unknown pattern kind {kind!r} (known: {sorted(_REGISTRY)})") from None
         return cls(**d)

@@ -8,16 +8,15 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+__all__ = ["PatternError", "PatternSet", "as_patterns", "dim_map_for", "logical_shape", "map_box"]
+
+from torch_ucp.errors import PatternError
 from torch_ucp.metadata.placements import SHARD_KINDS, Box, placement_info
 from torch_ucp.patterns.base import DimMap, Pattern
 from torch_ucp.patterns.fused import FusedParam
 from torch_ucp.patterns.padded import PaddedParam
 from torch_ucp.patterns.rename import Rename
 from torch_ucp.patterns.stacked import StackedParam
-
-
-class PatternError(ValueError):
-    """A pattern list that is ambiguous, unused, or impossible for a tensor."""
 
 
 def as_patterns(items: Iterable[Pattern | dict[str, Any]] | None) -> list[Pattern]:

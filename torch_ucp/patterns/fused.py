@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch_ucp.errors import PatternError
 from torch_ucp.patterns.base import DimMap, Pattern, Segment, glob_regex
 
 
@@ -54,13 +55,13 @@ class FusedParam(Pattern):
     def dim_map(self, fqn: str, shape: Sequence[int], degree: int) -> DimMap:
         total = sum(self.parts)
         if shape[self.dim] != total:
-            raise ValueError(
+            raise PatternError(
                 f"{fqn}: {self!r} expects size {total} (= sum of parts {list(self.parts)}) along "
                 f"dim {self.dim}, the tensor has shape {list(shape)}"
             )
         bad = [p for p in self.parts if p % degree]
         if bad:
-            raise ValueError(
+            raise PatternError(
                 f"{fqn}: cannot interleave parts {list(self.parts)} over {self.mesh_dim} degree "
                 f"{degree}: parts {bad} are not divisible by {degree}"
             )

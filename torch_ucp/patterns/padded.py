@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch_ucp.errors import PatternError
 from torch_ucp.patterns.base import DimMap, Pattern, Segment, glob_regex
 
 
@@ -30,7 +31,7 @@ class PaddedParam(Pattern):
 
     def dim_map(self, fqn: str, shape: Sequence[int], degree: int = 1) -> DimMap:
         if shape[self.dim] < self.size:
-            raise ValueError(
+            raise PatternError(
                 f"{fqn}: {self!r} needs at least {self.size} entries along dim {self.dim}, the "
                 f"tensor has shape {list(shape)}"
             )

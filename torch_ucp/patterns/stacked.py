@@ -10,6 +10,7 @@ stacked tensor along ``dim``. A checkpoint saved in either form loads into the o
 
 from __future__ import annotations
 
+from torch_ucp.errors import PatternError
 from torch_ucp.patterns.base import Pattern, glob_regex
 
 
@@ -20,7 +21,7 @@ class StackedParam(Pattern):
 
     def __init__(self, stacked: str, per_item: str, dim: int = 0) -> None:
         if "{i}" not in per_item:
-            raise ValueError(f"StackedParam per_item glob needs an {{i}} component: {per_item!r}")
+            raise PatternError(f"StackedParam per_item glob needs an {{i}} component: {per_item!r}")
         self.stacked = stacked
         self.per_item = per_item
         self.dim = dim

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from torch_ucp.errors import SavePlanError
 from torch_ucp.metadata.dtypes import name_to_dtype
 from torch_ucp.metadata.fields import Fields
 from torch_ucp.metadata.routing import rule_writers, split_dims
@@ -305,7 +306,7 @@ def _merge_catalogs(tables: Sequence[LocalPlanTable]) -> tuple[list[KeyInfo], li
                 else:
                     other = keys[k]
                     if (other.kind, other.dtype, other.shape) != (kind, dtype, _tuple(shape)):
-                        raise ValueError(
+                        raise SavePlanError(
                             f"{name}: ranks disagree on the tensor: rank {other.first_rank} has "
                             f"global shape {other.shape} dtype {other.dtype}, rank {rank} has "
                             f"{_tuple(shape)} dtype {dtype}"
@@ -335,7 +336,7 @@ def _check_bounds(keys, global_key, offsets, lengths, shapes, rank: int) -> None
         i = int(np.flatnonzero(bad)[0])
         info = keys[int(global_key[i])]
         nd = len(info.shape or ())
-        raise ValueError(
+        raise SavePlanError(
             f"{info.name}: rank {rank} holds a fragment at offsets "
             f"{offsets[i, :nd].tolist()} of lengths {lengths[i, :nd].tolist()} outside the "
             f"tensor's global shape {info.shape}"
@@ -360,7 +361,7 @@ def _check_same_boxes(keys, key, offsets, lengths, rank, order, first_of_group, 
     j = int(order[at - 1] if extent is not None else order[np.flatnonzero(first_of_group[: at + 1])[-1]])
     info = keys[int(key[i])]
     nd = len(info.shape or ())
-    raise ValueError(
+    raise SavePlanError(
         f"{info.name}: ranks {int(rank[j])} and {int(rank[i])} hold different fragments at "
         f"offsets {offsets[i, :nd].tolist()}: lengths {lengths[j, :nd].tolist()} and "
         f"{lengths[i, :nd].tolist()}; the sharding cannot be described exactly"
@@ -462,7 +463,7 @@ def _check_coverage(fragments: FragmentTable) -> None:
         rows = fragments.rows(k)
         covered = int(numel[rows].sum())
         if covered != info.numel and info.numel != 0:
-            raise ValueError(
+            raise SavePlanError(
                 f"{info.name}: fragments cover {covered} of {info.numel} elements of a tensor of "
                 f"shape {info.shape}; the sharding cannot be described exactly"
             )

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from torch_ucp import _compat
+from torch_ucp.errors import SavePlanError
 from torch_ucp.metadata.placements import Box, boxes_for, placement_info, whole_box
 from torch_ucp.metadata.schema import PlacementInfo
 
@@ -26,10 +27,10 @@ def dtensor_boxes(fqn: str, t: DTensor) -> list[Box]:
     try:
         boxes = boxes_for(t.shape, mesh.shape, placements_of(t), coordinate)
     except ValueError as e:
-        raise ValueError(f"{fqn}: {e}") from None
+        raise SavePlanError(f"{fqn}: {e}") from None
     local = _compat.local_tensor(t)
     if math.prod(local.shape) != sum(b.numel for b in boxes):
-        raise ValueError(
+        raise SavePlanError(
             f"{fqn}: cannot describe DTensor local shard exactly: placements "
             f"{t.placements} on mesh {tuple(mesh.shape)} at {tuple(coordinate)} imply "
             f"{sum(b.numel for b in boxes)} elements, local tensor has shape {tuple(local.shape)}"

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
@@ -28,6 +27,7 @@ from torch_ucp.metadata.catalog import FragmentCatalog
 from torch_ucp.metadata.placements import Box
 from torch_ucp.metadata.provenance import SaveInfo
 from torch_ucp.metadata.tiling import tiling_problem
+from torch_ucp.metadata.values import load_torch_save
 from torch_ucp.patterns.base import DimMap, Pattern
 from torch_ucp.patterns.engine import (
     PatternError,
@@ -43,7 +43,6 @@ from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.planner.global_plan import ChunkList
 from torch_ucp.planner.layout import narrow, tensor_boxes
 from torch_ucp.planner.plan_table import RankLocalItems
-from torch_ucp.storage.values import load_torch_save
 
 _MAX_LISTED = 20
 
@@ -498,13 +497,13 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         value.seek(0)
         fqn = read_item.dest_index.fqn
         opt_in = "UCPLoadPlanner(allow_pickle=True)"
-        self.load_object(read_item, load_torch_save(value, fqn, allow_pickle=self.allow_pickle, opt_in=opt_in))
+        self.load_value(read_item, load_torch_save(value, fqn, allow_pickle=self.allow_pickle, opt_in=opt_in))
 
-    def load_object(self, read_item: ReadItem, value: Any) -> None:
+    def load_value(self, read_item: ReadItem, value: Any) -> None:
         """Place a decoded non-tensor value (torch_ucp readers decode without pickle)."""
         fqn = read_item.dest_index.fqn
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], value)
+            _compat.set_element(self.original_state_dict, self.mappings[fqn], value)
         else:
             # self.state_dict may be a copy (sharded-tensor flattening); write the caller's dict
             self.original_state_dict[fqn] = value

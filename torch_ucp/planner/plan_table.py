@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
+from torch_ucp.errors import SavePlanError
+from torch_ucp.metadata.dcp import write_item_nbytes
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.fields import mesh_to_json, placement_to_json
 from torch_ucp.metadata.schema import DimMap, MeshInfo, PlacementInfo
@@ -207,13 +208,6 @@ class LocalTableBuilder:
         )
 
 
-def write_item_nbytes(item: WriteItem) -> int:
-    """Bytes an item occupies in storage (a value: its serialized size, if known)."""
-    if item.tensor_data is None:
-        return item.bytes_io_data.nbytes if item.bytes_io_data is not None else 0
-    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
-
-
 @dataclass(frozen=True)
 class WriterAssignment:
     """The coordinator's answer in ``SavePlan.planner_data``: which local items this rank
@@ -223,7 +217,7 @@ class WriterAssignment:
 
     def select(self, items: Sequence[WriteItem]) -> list[WriteItem]:
         if len(items) != len(self.keep):
-            raise RuntimeError(
+            raise SavePlanError(
                 f"the global plan assigns {len(self.keep)} items but this rank planned "
                 f"{len(items)}; was the planner reused across saves?"
             )

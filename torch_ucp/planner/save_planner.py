@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,18 +23,15 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.checkpoint.planner_helpers import (
-    _create_write_item_for_bytesio,
-    _create_write_items,
-)
 from torch.distributed.tensor import DTensor
 
 from torch_ucp import _compat
+from torch_ucp.errors import PatternError, SavePlanError
 from torch_ucp.metadata.dtypes import name_to_dtype
 from torch_ucp.metadata.placements import mesh_info, whole_box
-from torch_ucp.metadata.provenance import UCP_KEY, save_info
+from torch_ucp.metadata.provenance import PlannerData
 from torch_ucp.metadata.schema import DimMap, SaveLayout, TensorEntry
-from torch_ucp.patterns.engine import PatternError, PatternSet, dim_map_for, logical_shape, map_box
+from torch_ucp.patterns.engine import PatternSet, dim_map_for, logical_shape, map_box
 from torch_ucp.planner.global_plan import GlobalPlan, StateDictMetadata, plan_globally
 from torch_ucp.planner.layout import Box, dtensor_boxes, narrow, placements_of
 from torch_ucp.planner.plan_table import (
@@ -43,33 +41,6 @@ from torch_ucp.planner.plan_table import (
     RankLocalItems,
     WriterAssignment,
 )
-
-
-class PlannerData(dict):
-    """``Metadata.planner_data`` of a torch_ucp save: DCP's flatten mapping (what stock loaders
-    read), plus the typed :class:`SaveLayout` the torch_ucp writer commits (``layout``).
-
-    Pickled (a stock writer writing ``.metadata``), it becomes a plain dict that also carries
-    the layout as JSON under :data:`UCP_KEY` (:mod:`torch_ucp.metadata.provenance`), computed
-    only then: the torch_ucp writer never needs it.
-    """
-
-    def __init__(self, mapping: dict[str, tuple], layout: SaveLayout, plan: GlobalPlan) -> None:
-        super().__init__(mapping)
-        self.layout = layout
-        self._plan = plan
-
-    def provenance_json(self) -> str:
-        plan = self._plan
-        writers = {
-            k.name: plan.fragments.writer[plan.fragments.rows(i)].tolist()
-            for i, k in enumerate(plan.fragments.keys)
-            if k.kind != BYTES
-        }
-        return save_info(self.layout, writers).to_json()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (dict, ({**self, UCP_KEY: self.provenance_json()},))
 
 
 class UCPSavePlanner(DefaultSavePlanner):
@@ -124,7 +95,7 @@ class UCPSavePlanner(DefaultSavePlanner):
         index map if one applies, and its write items: one per exact box of the logical tensor
         this rank holds (boxes mapped through a fused/padded pattern if one applies)."""
         if obj.device.type == "meta":
-            raise ValueError(f"{fqn}: cannot save a tensor on the meta device")
+            raise SavePlanError(f"{fqn}: cannot save a tensor on the meta device")
         if isinstance(obj, DTensor):
             boxes = dtensor_boxes(fqn, obj)
             kind = WriteItemType.SHARD
@@ -176,9 +147,9 @@ class UCPSavePlanner(DefaultSavePlanner):
                 table.add_tensor(name, obj.dtype, size, layout, self.mappings.get(fqn), dmap)
                 items.extend(tensor_items)
             elif isinstance(obj, torch.Tensor) or hasattr(obj, "__create_write_items__"):
-                items.extend(_create_write_items(fqn, obj))  # ShardedTensor and friends
+                items.extend(_compat.create_write_items(fqn, obj))  # ShardedTensor and friends
             else:
-                items.append(_create_write_item_for_bytesio(name, obj))
+                items.append(_compat.create_write_item_for_bytes(name, obj))
         self.patterns.check_used("the state dict being saved")
         paths = {names.get(k, k): v for k, v in self.mappings.items()}
         self.plan = SavePlan(
@@ -203,7 +174,7 @@ class UCPSavePlanner(DefaultSavePlanner):
         mapping = {k.name: tuple(k.path) for k in planned.fragments.keys if k.path is not None}
         metadata = Metadata(
             state_dict_metadata=StateDictMetadata(planned.fragments),
-            planner_data=PlannerData(mapping, layout, planned),
+            planner_data=PlannerData(mapping, layout, partial(_chunk_writers, planned)),
         )
         self.global_plan, self.metadata = new_plans, metadata
         return new_plans, metadata
@@ -221,16 +192,25 @@ class UCPSavePlanner(DefaultSavePlanner):
         found = self._boxes.get(write_item.index)
         if found is None:
             if write_item.type == WriteItemType.BYTE_IO:
-                return self.transform_object(write_item, self.resolve_object(write_item))
+                return self.transform_object(write_item, self.resolve_value(write_item))
             return super().resolve_data(write_item)
         fqn, box = found
         t = _compat.local_tensor(self.state_dict[fqn]).detach()
         return narrow(t, box.local_offsets, box.lengths)
 
-    def resolve_object(self, write_item: WriteItem) -> Any:
+    def resolve_value(self, write_item: WriteItem) -> Any:
         """The raw value of a BYTE_IO item, for writers that encode values without pickle."""
         name = write_item.index.fqn
         return self.state_dict[self._local_of.get(name, name)]
+
+
+def _chunk_writers(plan: GlobalPlan) -> dict[str, list[int]]:
+    """The writer rank of every fragment of each tensor, in DCP's chunk order."""
+    return {
+        k.name: plan.fragments.writer[plan.fragments.rows(i)].tolist()
+        for i, k in enumerate(plan.fragments.keys)
+        if k.kind != BYTES
+    }
 
 
 def save_layout(planned: GlobalPlan, patterns: list[Any]) -> SaveLayout:

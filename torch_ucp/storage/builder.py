@@ -42,11 +42,11 @@ from torch_ucp.metadata.schema import (
     data_object_name,
     index_object_name,
 )
+from torch_ucp.metadata.values import encode_value
 from torch_ucp.storage import commit
 from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.store import Store
-from torch_ucp.storage.values import encode_value
 from torch_ucp.storage.writer import (
     RankWritten,
     UCPWriter,

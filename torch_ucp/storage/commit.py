@@ -231,8 +231,21 @@ def begin(store: Store, save_id: str, *, overwrite: bool) -> Committed | None:
         )
     if base is None or base.save_id is not None:
         remove_stale(store, base.save_id if base is not None else None)
+    try:
+        _create_marked_folder(store, save_id, _marker_bytes(save_id, base))
+    except FileNotFoundError as e:
+        # A save that committed meanwhile may remove this folder while it is being created
+        # (its base is outdated, so it can never commit): the same conflict publish() reports.
+        found = current(store)
+        if found is not None and (base is None or found.token != base.token):
+            discard(store, save_id)
+            raise _conflict(store, save_id, found, overwrite) from e
+        raise
+    return base
+
+
+def _create_marked_folder(store: Store, save_id: str, marker: bytes) -> None:
     folder = data_folder(save_id)
-    marker = _marker_bytes(save_id, base)
     if store.posix:  # the folder appears with its marker inside, never without
         incoming = store.path(folder + INCOMING)
         os.makedirs(incoming)
@@ -241,7 +254,6 @@ def begin(store: Store, save_id: str, *, overwrite: bool) -> Committed | None:
         store.fsync_dir("")
     else:
         store.write_atomic(f"{folder}/{MARKER}", marker)
-    return base
 
 
 # -- 3. publish -------------------------------------------------------------------------------

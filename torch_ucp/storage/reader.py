@@ -22,10 +22,11 @@ from torch_ucp.metadata.checksums import BlockGrid
 from torch_ucp.metadata.dcp import CatalogStateDict, catalog_metadata
 from torch_ucp.metadata.header import decode_metadata
 from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
+from torch_ucp.metadata.values import decode_value
+from torch_ucp.storage.protocols import ValueLoadPlanner
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.transfer_log import log_load
-from torch_ucp.storage.values import decode_value
 
 
 def _read_header(store: Store) -> bytes:
@@ -93,7 +94,7 @@ def read_value_bytes(store: Store, entry: ValueEntry, meta: CheckpointMetadata, 
     return buf
 
 
-def read_object(
+def read_value(
     store: Store,
     entry: ValueEntry,
     meta: CheckpointMetadata,
@@ -249,14 +250,7 @@ class UCPReader(StorageReader):
                     on_done=commit_callback(planner, item, planner_lock),
                 )
             )
-        reader = FragmentReader(
-            self.store,
-            verify=self.verify,
-            checksum_algorithm=meta.checksum_algorithm,
-            block_bytes=meta.checksum_block_bytes,
-            block_width=meta.checksum_block_width,
-            threads=self.threads,
-        )
+        reader = FragmentReader.for_checkpoint(self.store, meta, verify=self.verify, threads=self.threads)
         self.stats.add(reader.read(reads))
         log_load(self.store.url, meta.save_id, self.stats.bytes_read, getattr(self, "_started", None))
         fut: Future[None] = Future()
@@ -267,10 +261,9 @@ class UCPReader(StorageReader):
         self, item: ReadItem, entry: ValueEntry, meta: CheckpointMetadata, planner: LoadPlanner
     ) -> None:
         assert self.store is not None
-        value = read_object(self.store, entry, meta, self.verify, allow_pickle=self.allow_pickle)
-        load_object = getattr(planner, "load_object", None)
-        if load_object is not None:
-            load_object(item, value)
+        value = read_value(self.store, entry, meta, self.verify, allow_pickle=self.allow_pickle)
+        if isinstance(planner, ValueLoadPlanner):
+            planner.load_value(item, value)
             return
         buf = io.BytesIO()
         torch.save(value, buf)

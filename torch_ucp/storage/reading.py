@@ -29,7 +29,7 @@ import torch
 from torch_ucp import knobs
 from torch_ucp.errors import CorruptCheckpointError
 from torch_ucp.metadata.checksums import BlockGrid, checksum_function
-from torch_ucp.metadata.schema import StoredBytes
+from torch_ucp.metadata.schema import CheckpointMetadata, StoredBytes
 from torch_ucp.storage.ranges import block_aligned_bounds, c_strides, plan_box_ranges
 from torch_ucp.storage.store import Store
 
@@ -244,6 +244,20 @@ class FragmentReader:
         self._checksum = checksum_function(checksum_algorithm) if self.verify else None
         self.stats = ReadStats()
         self._stats_lock = threading.Lock()
+
+    @classmethod
+    def for_checkpoint(
+        cls, store: Store, meta: CheckpointMetadata, *, verify: bool | str = True, threads: int | None = None
+    ) -> FragmentReader:
+        """A reader of the checkpoint ``meta`` describes, verifying with its checksum blocks."""
+        return cls(
+            store,
+            verify=verify,
+            checksum_algorithm=meta.checksum_algorithm,
+            block_bytes=meta.checksum_block_bytes,
+            block_width=meta.checksum_block_width,
+            threads=threads,
+        )
 
     # -- planning -----------------------------------------------------------------------------
     def _job(self, r: BoxRead) -> _Job:

@@ -18,11 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageMeta,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -31,10 +29,11 @@ from torch.futures import Future
 from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CommitConflictError, UnsafeCheckpointError
 from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid, crc32c
+from torch_ucp.metadata.dcp import layout_from_dcp, write_item_nbytes
 from torch_ucp.metadata.fragments import FragmentRows, tensor_key
 from torch_ucp.metadata.header import encode_header
 from torch_ucp.metadata.index import encode_index
-from torch_ucp.metadata.provenance import UCP_KEY, SaveInfo
+from torch_ucp.metadata.provenance import PlannerData
 from torch_ucp.metadata.schema import (
     DATA_PREFIX,
     ITEM_ALIGNMENT,
@@ -42,19 +41,17 @@ from torch_ucp.metadata.schema import (
     IndexRef,
     SaveLayout,
     StoredBytes,
-    TensorEntry,
     ValueEntry,
     data_object_name,
     index_object_name,
 )
-from torch_ucp.planner.plan_table import write_item_nbytes
-from torch_ucp.planner.save_planner import PlannerData
+from torch_ucp.metadata.values import TORCH_SAVE, encode_value
 from torch_ucp.storage import commit
 from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
+from torch_ucp.storage.protocols import ValueSavePlanner
 from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.transfer_log import log_save
-from torch_ucp.storage.values import TORCH_SAVE, encode_value
 
 logger = logging.getLogger(__name__)
 
@@ -304,9 +301,8 @@ class UCPWriter(StorageWriter):
             tensor = planner.resolve_data(item)
             return tensor_bytes(tensor), None, self.block_grid(tuple(tensor.shape), tensor.dtype.itemsize)
         name = item.index.fqn
-        resolve_object = getattr(planner, "resolve_object", None)
-        if resolve_object is not None:
-            encoding, payload = encode_value(resolve_object(item), name=name, allow_pickle=self.allow_pickle)
+        if isinstance(planner, ValueSavePlanner):
+            encoding, payload = encode_value(planner.resolve_value(item), name=name, allow_pickle=self.allow_pickle)
         else:  # a stock planner hands over torch.save bytes: re-encode them without pickle
             encoding, payload = _reencode_stock_bytes(planner.resolve_data(item), name, self.allow_pickle)
         return memoryview(payload), encoding, self.block_grid((len(payload),), 1)
@@ -453,28 +449,6 @@ def checkpoint_metadata(
         torch_version=torch.__version__,
         created=time.time(),
     )
-
-
-def layout_from_dcp(metadata: Metadata, writers: dict[str, set[int]]) -> SaveLayout:
-    """The layout of a save planned by a stock planner: DCP's tensors with recorded writers."""
-    planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    info = SaveInfo.from_planner_data(planner_data)
-    layout = SaveLayout(patterns=info.patterns if info is not None else [])
-    layout.flatten_mapping = {k: list(v) for k, v in planner_data.items() if k != UCP_KEY}
-    for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            layout.flatten_mapping.setdefault(fqn, [fqn])
-            continue
-        assert isinstance(md, TensorStorageMetadata)
-        layout.tensors[fqn] = TensorEntry(
-            fqn=fqn,
-            dtype=md.properties.dtype,
-            shape=tuple(md.size),
-            fragments=len(md.chunks),
-            writers=tuple(sorted(writers.get(fqn, ()))),
-        )
-        layout.flatten_mapping.setdefault(fqn, [fqn])
-    return layout
 
 
 def compact_broadcast(metadata: Metadata, meta: CheckpointMetadata, header: bytes, store: Store) -> None:

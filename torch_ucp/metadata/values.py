@@ -6,7 +6,7 @@ represents it exactly (docs/FORMAT.md, "Value encodings", is the byte-level spec
 - ``raw``: a ``bytes`` value, as is;
 - ``json``: UTF-8 JSON of values JSON round-trips unchanged: ``None``, ``bool``, 64-bit ``int``,
   finite ``float``, ``str``, and ``list`` / ``dict`` (``str`` keys) of them;
-- ``cbor``: CBOR (RFC 8949, :mod:`torch_ucp.storage.cbor`) for the rest, with tag 27 ("object
+- ``cbor``: CBOR (RFC 8949, :mod:`torch_ucp.metadata.cbor`) for the rest, with tag 27 ("object
   with type name and constructor arguments") for the types CBOR lacks: ``tuple``, ``bytearray``,
   ``set``, ``frozenset``, ``OrderedDict``, ``complex``, ``torch.Size``, ``torch.dtype``,
   ``torch.device``, ``torch.memory_format`` / ``layout`` / ``qscheme``, enums of torch modules,
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from torch_ucp.errors import CorruptCheckpointError, UnsafeCheckpointError
-from torch_ucp.storage.cbor import MAX_DEPTH, OBJECT_TAG, CBORError, Tag, dumps, loads
+from torch_ucp.metadata.cbor import MAX_DEPTH, OBJECT_TAG, CBORError, Tag, dumps, loads
 
 RAW, JSON, CBOR, TORCH_SAVE = "raw", "json", "cbor", "torch_save"
 ENCODINGS = (RAW, JSON, CBOR, TORCH_SAVE)
