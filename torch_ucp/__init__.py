@@ -4,6 +4,9 @@ Save with ``dcp.save(state, storage_writer=UCPWriter(url), planner=UCPSavePlanne
 into any DeviceMesh, world size, or a plain process with ``dcp.load(..., storage_reader=
 UCPReader(url), planner=UCPLoadPlanner())`` or :func:`open_checkpoint`. Save in the
 background with :func:`async_save` (:mod:`torch_ucp.asynchronous`) and :func:`wait` for it.
+Export any checkpoint as safetensors or one ``torch.save`` file with :func:`export_safetensors` /
+:func:`export_torch`, or rewrite it as a torch_ucp checkpoint with :func:`convert_checkpoint`
+(:mod:`torch_ucp.tools`).
 """
 
 from torch_ucp.api import load, save
@@ -17,6 +20,7 @@ from torch_ucp.errors import (
     CorruptCheckpointError,
     KeyNotFoundError,
     LoadPlanError,
+    OptionError,
     PatternError,
     SavePlanError,
     UnsafeCheckpointError,
@@ -31,6 +35,7 @@ from torch_ucp.management import (
 )
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.storage import UCPReader, UCPWriter
+from torch_ucp.tools import convert_checkpoint, export_safetensors, export_torch
 
 __version__ = "0.1.0"
 
@@ -46,6 +51,7 @@ __all__ = [
     "CorruptCheckpointError",
     "KeyNotFoundError",
     "LoadPlanError",
+    "OptionError",
     "PatternError",
     "SavePlanError",
     "UCPLoadPlanner",
@@ -63,4 +69,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
+    "convert_checkpoint",
+    "export_safetensors",
+    "export_torch",
 ]

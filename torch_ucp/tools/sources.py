@@ -274,10 +274,8 @@ class ReaderSource(CheckpointSource):
         planner_data = self.dcp_metadata.planner_data
         paths = planner_data if isinstance(planner_data, dict) else {}
         info = SaveInfo.from_planner_data(planner_data) if isinstance(planner_data, dict) else None
-        meshes = [
-            MeshInfo(tuple(m["shape"]), tuple(m["dim_names"]) if m.get("dim_names") else None)
-            for m in (info.meshes if info else [])
-        ]
+        fields = Fields(url)
+        meshes = [fields.mesh(m, f"planner_data mesh {i}") for i, m in enumerate(info.meshes if info else [])]
         for fqn, md in self.dcp_metadata.state_dict_metadata.items():
             path = paths.get(fqn)
             path = tuple(path) if isinstance(path, (tuple, list)) else None
@@ -291,7 +289,7 @@ class ReaderSource(CheckpointSource):
                     tuple(md.size),
                     len(md.chunks),
                     meshes[mesh_index] if mesh_index is not None and mesh_index < len(meshes) else None,
-                    Fields(url).placements(placements, fqn) if placements else None,
+                    fields.placements(placements, fqn) if placements else None,
                     path,
                 )
             elif isinstance(md, BytesStorageMetadata):
