@@ -106,9 +106,16 @@ class SafetensorsFileWriter:
         stream.close()
 
     def abort(self) -> None:
+        """Give the file up: nothing of it is left (a local file is written in place, so the
+        part written is removed; an object store publishes nothing)."""
         if self._stream is not None:
             stream, self._stream = self._stream, None
             stream.abort()
+            try:
+                if self.store.exists(self.rel):
+                    self.store.remove(self.rel)
+            except Exception:  # noqa: BLE001 - best effort; the error that aborted it matters
+                pass
 
     def __enter__(self) -> SafetensorsFileWriter:
         return self.open()
