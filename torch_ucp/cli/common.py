@@ -42,6 +42,11 @@ def _flag(flag: str, value: Any) -> str:
     return f"{flag} {value!r}"
 
 
+def add_keys_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--keys GLOB ...``: shell patterns selecting keys (``help_text`` says what for)."""
+    parser.add_argument("--keys", nargs="+", action="extend", metavar="GLOB", help=help_text)
+
+
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage-option",

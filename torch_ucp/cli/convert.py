@@ -26,6 +26,7 @@ import argparse
 
 from torch_ucp.cli.common import (
     CommandError,
+    add_keys_argument,
     add_storage_arguments,
     add_trust_argument,
     options_as_flags,
@@ -48,12 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace a committed checkpoint at DST (it stays loadable until the new one commits)",
     )
-    parser.add_argument(
-        "--keys",
-        nargs="+",
-        action="extend",
-        metavar="GLOB",
-        help="convert only keys matching any of these shell patterns (give it after SRC DST)",
+    add_keys_argument(
+        parser,
+        "convert only keys matching any of these shell patterns (give it after SRC DST)",
     )
     add_trust_argument(parser)
     add_storage_arguments(parser)

@@ -33,6 +33,7 @@ import torch
 
 from torch_ucp.cli.common import (
     CommandError,
+    add_keys_argument,
     add_storage_arguments,
     add_trust_argument,
     options_as_flags,
@@ -75,12 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="safetensors",
         help="output format (default: safetensors)",
     )
-    parser.add_argument(
-        "--keys",
-        nargs="+",
-        action="extend",
-        metavar="GLOB",
-        help="export only keys matching any of these shell patterns (give it after URL OUT; matched before "
+    add_keys_argument(
+        parser,
+        "export only keys matching any of these shell patterns (give it after URL OUT; matched before "
         "--strip-prefix), e.g. --keys 'model.*'",
     )
     parser.add_argument(

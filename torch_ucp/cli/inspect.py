@@ -19,7 +19,13 @@ import json
 import time
 from typing import Any
 
-from torch_ucp.cli.common import add_storage_arguments, add_trust_argument, plural, storage_options
+from torch_ucp.cli.common import (
+    add_keys_argument,
+    add_storage_arguments,
+    add_trust_argument,
+    plural,
+    storage_options,
+)
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.fields import mesh_to_json, placement_to_json
 from torch_ucp.metadata.schema import MeshInfo
@@ -30,12 +36,9 @@ from torch_ucp.tools.sources import CheckpointSource, TensorInfo, open_source, s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", metavar="URL", help="checkpoint folder: path or fsspec URL")
     parser.add_argument("--json", action="store_true", help="print everything as one JSON object")
-    parser.add_argument(
-        "--keys",
-        nargs="+",
-        action="extend",
-        metavar="GLOB",
-        help="show only keys matching any of these shell patterns, e.g. --keys 'model.*' "
+    add_keys_argument(
+        parser,
+        "show only keys matching any of these shell patterns, e.g. --keys 'model.*' "
         "'optim.state.model.output.*' (give it after URL; totals then count the shown keys)",
     )
     add_trust_argument(parser)
