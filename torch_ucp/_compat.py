@@ -86,6 +86,13 @@ def flatten_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return _flatten_state_dict(state)
 
 
+def fsspec_dcp_reader(url: str, storage_options: Mapping[str, Any]) -> Any:
+    """Stock DCP's ``FsspecReader`` for ``url`` (its module, ``_fsspec_filesystem``, is private)."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(url, **storage_options)
+
+
 _DATA_RECORD = re.compile(r"(.*/)?data/\d+")  # a storage's record in a torch.save zip file
 
 

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.storage import StorageReader
 
+from torch_ucp import _compat
 from torch_ucp.checkpoint import Checkpoint
 from torch_ucp.errors import (
     CheckpointError,
@@ -441,9 +442,7 @@ def open_source(
 
             reader: StorageReader = FileSystemReader(local_path(url))
         else:
-            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-            reader = FsspecReader(url, **options)
+            reader = _compat.fsspec_dcp_reader(url, options)
         return DCPSource(reader, url, trust_pickle=True)
     if fmt == FORMAT_DEEPSPEED:
         from torch_ucp.interop.deepspeed import DeepSpeedUniversalReader
