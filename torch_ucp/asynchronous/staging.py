@@ -62,10 +62,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from torch_ucp.errors import CheckpointError
+from torch_ucp.metadata.schema import ITEM_ALIGNMENT
 
 logger = logging.getLogger(__name__)
 
-ALIGNMENT = 64  # bytes; every staged tensor starts on a cache line (and any dtype's alignment)
+# bytes: every staged tensor starts where the file's items do (a cache line, any dtype's alignment)
+ALIGNMENT = ITEM_ALIGNMENT
 
 
 def _align(n: int) -> int:

@@ -30,6 +30,7 @@ ITEM_ALIGNMENT = 64
 """Bytes; every fragment and value in a data object starts at a multiple of this."""
 DEFAULT_CHECKSUM = "crc32c"
 ROTATE_MIN_BYTES = 4096
+V1_CHECKSUM_BLOCK_BYTES = 1 << 20  # version-1 metadata may omit the block size: it was this
 """Replicated DTensor fragments of tensors with fewer bytes per shard are all written by replica
 0 (see :mod:`torch_ucp.metadata.routing`); larger ones rotate over the replicas."""
 
@@ -261,7 +262,7 @@ class CheckpointMetadata:
     meshes: list[MeshInfo] = field(default_factory=list)
     flatten_mapping: dict[str, list[Any]] = field(default_factory=dict)
     checksum_algorithm: str = DEFAULT_CHECKSUM
-    checksum_block_bytes: int = 1 << 20
+    checksum_block_bytes: int = V1_CHECKSUM_BLOCK_BYTES
     checksum_block_width: int | None = None
     patterns: list[dict[str, Any]] = field(default_factory=list)
     rotate_min_bytes: int = ROTATE_MIN_BYTES

@@ -14,7 +14,7 @@ import numpy as np
 
 from torch_ucp.metadata.fields import Fields
 from torch_ucp.metadata.fragments import FragmentRows
-from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
+from torch_ucp.metadata.schema import V1_CHECKSUM_BLOCK_BYTES, CheckpointMetadata, TensorEntry
 
 
 def metadata_from_v1(d: dict[str, Any], source: str) -> tuple[CheckpointMetadata, FragmentRows]:
@@ -95,7 +95,7 @@ def metadata_from_v1(d: dict[str, Any], source: str) -> tuple[CheckpointMetadata
         meshes=meshes,
         flatten_mapping=f.flatten_mapping(d.get("flatten_mapping", {})),
         checksum_algorithm=f.get(checksum, "algorithm", "checksum", str),
-        checksum_block_bytes=f.count(checksum, "block_bytes", "checksum") or 1 << 20,
+        checksum_block_bytes=f.count(checksum, "block_bytes", "checksum") or V1_CHECKSUM_BLOCK_BYTES,
         patterns=f.get(d, "patterns", "patterns", list, optional=True) or [],
         torch_version=f.get(d, "torch_version", "torch_version", str, optional=True) or "",
         created=float(f.get(d, "created", "created", (int, float), optional=True) or 0.0),
