@@ -78,8 +78,13 @@ def convert_checkpoint(
         CheckpointError: the source cannot be read.
     """
     options = dict(storage_options or {})
-    url = source.source.url if isinstance(source, ExportPlan) else getattr(source, "url", source)
-    if same_location(os.fspath(url), dst):
+    if isinstance(source, ExportPlan):
+        url = source.source.url
+    elif isinstance(source, CheckpointSource):
+        url = source.url
+    else:
+        url = os.fspath(source)
+    if same_location(url, dst):
         raise OptionError("the source and {option} are the same; convert into a new folder", "dst")
     if isinstance(source, ExportPlan):
         if keys is not None:
