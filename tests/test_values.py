@@ -21,10 +21,9 @@ from hypothesis.extra import numpy as hnp
 from torch.distributed.fsdp import ShardingStrategy
 
 from torch_ucp import CorruptCheckpointError, UnsafeCheckpointError
-from torch_ucp.cli.common import CommandError
-from torch_ucp.cli.export import parse_size
 from torch_ucp.metadata.cbor import MAX_DEPTH, Tag, dumps, loads
 from torch_ucp.metadata.values import decode_value, encode_value
+from torch_ucp.sizes import parse_size
 
 
 def same(a, b) -> bool:
@@ -418,7 +417,7 @@ def test_parse_size_reads_decimal_fractions_exactly(fraction, digits, unit):
     text = f"{fraction // 10**digits}.{fraction % 10**digits:0{digits}d}{unit}"
     size = fraction * UNITS[unit] // 10**digits  # whole bytes, floored
     if size == 0:
-        with pytest.raises(CommandError, match="must be positive"):
+        with pytest.raises(ValueError, match="must be positive"):
             parse_size(text)
     else:
         assert parse_size(text) == size, text
@@ -429,5 +428,5 @@ def test_parse_size_reads_decimal_fractions_exactly(fraction, digits, unit):
     ["", "MB", "abc", "-5MB", "+5MB", "5 XB", "1e3", "5.MB", ".5MB", "0", "0MB", "0.0001KB", "5 5MB", "5MBs"],
 )
 def test_parse_size_refuses_what_it_does_not_document(text):
-    with pytest.raises(CommandError, match="size"):
+    with pytest.raises(ValueError, match="size"):
         parse_size(text)

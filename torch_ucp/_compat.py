@@ -7,7 +7,9 @@ them breaks exactly one file, and the guard below says which release was tested.
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -116,3 +118,57 @@ def open_stock_metadata(reader: Any, rank: int | None = None) -> Any:
     """A binary stream of the ``.metadata`` object a stock ``FileSystemReader`` /
     ``FsspecReader`` reads (``reader._get_metadata_path``, ``reader.fs``)."""
     return reader.fs.create_stream(reader._get_metadata_path(rank), "rb")
+def fsspec_dcp_reader(url: str, storage_options: Mapping[str, Any]) -> Any:
+    """Stock DCP's ``FsspecReader`` for ``url`` (its module, ``_fsspec_filesystem``, is private)."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(url, **storage_options)
+
+
+_DATA_RECORD = re.compile(r"(.*/)?data/\d+")  # a storage's record in a torch.save zip file
+
+
+def save_skeleton(
+    path: str, tensors: Mapping[str, tuple[Sequence[int], torch.dtype]], values: Mapping[str, Any]
+) -> dict[str, int] | None:
+    """``torch.save`` the flat dict ``{**tensors, **values}`` to ``path`` with every tensor's
+    record laid out but not written, and return where each tensor's bytes go in the file.
+
+    ``tensors`` maps names to ``(shape, dtype)``; nothing of that size is allocated (the
+    tensors are fake, and ``skip_data`` writes no storage bytes). Writing each tensor's
+    contiguous bytes at its offset then makes ``path`` the file ``torch.save`` would have
+    written, one tensor at a time. Returns ``None`` when the file's records are not exactly
+    those tensors (a value holds tensors of its own): the file is then not filled that way.
+
+    Private APIs: ``FakeTensorMode`` and ``torch._C.PyTorchFileReader`` (record offsets). The
+    offsets come from ``torch.load(mmap=True)``, which maps the file once and makes every
+    storage a slice of that mapping, so a storage's address minus the lowest one equals its
+    record's offset minus the lowest record offset; the result is checked against the
+    records themselves, so a torch whose layout differs yields ``None``, never wrong offsets.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        skeleton: dict[str, Any] = {
+            name: torch.empty(tuple(shape), dtype=dtype) for name, (shape, dtype) in tensors.items()
+        }
+    skeleton.update(values)
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(skeleton, path)
+    del skeleton
+    reader = torch._C.PyTorchFileReader(path)
+    records = [r for r in reader.get_all_records() if _DATA_RECORD.fullmatch(r)]
+    if len(records) != len(tensors):
+        return None
+    offsets = sorted(reader.get_record_offset(r) for r in records)
+    try:
+        loaded = torch.load(path, mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - values this process itself just saved: re-read once
+        loaded = torch.load(path, mmap=True, weights_only=False)
+    addresses = {name: loaded[name].untyped_storage().data_ptr() for name in tensors}
+    del loaded
+    if not addresses:
+        return {}
+    low = min(addresses.values())
+    result = {name: offsets[0] + address - low for name, address in addresses.items()}
+    return result if sorted(result.values()) == offsets else None

@@ -363,10 +363,7 @@ class DeepSpeedUniversalReader(IndexedReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner, **kwargs: Any) -> Future[None]:
         """Serve every read item, one file at a time in sorted order."""
-        if self._index is None:
-            self.read_metadata()
-        index = self._index
-        assert index is not None
+        index = self._loaded_index()
         by_file: dict[str, list[tuple[ReadItem, _Source]]] = defaultdict(list)
         for item in plan.items:
             source = index.sources.get(item.storage_index.fqn)
@@ -522,7 +519,7 @@ class DeepSpeedUniversalReader(IndexedReader):
                 f"DeepSpeed universal checkpoint {self.path!r}: missing file {root.describe(relpath)}, "
                 f"expected to hold {wanted}"
             ) from None
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # not a torch.save file
             raise CorruptCheckpointError(f"cannot read {root.describe(relpath)}: {e}") from e
 
     def _tensor(
