@@ -765,4 +765,4 @@ def test_export_every_dtype(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", src, str(tmp_path / "st2"), "--keys", "float4_e2m1fn_x2", "--quiet"]) != 0
     err = capsys.readouterr().err
-    assert "float4_e2m1fn_x2: dtype torch.float4_e2m1fn_x2 cannot be stored in safetensors; use --format torch" in err
+    assert "float4_e2m1fn_x2: dtype torch.float4_e2m1fn_x2 cannot be stored in safetensors; use the torch format" in err

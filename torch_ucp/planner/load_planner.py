@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,21 @@ class _Saved:
             chunk = self.md.chunks[i]
             out.append((tuple(chunk.offsets), tuple(chunk.sizes), i))
         return out
+
+
+class _Unloadable(Exception):
+    """A target the checkpoint holds in a form it cannot take; the message names it."""
+
+
+@dataclass
+class _TargetPlans:
+    """The targets of one load planned: their reads (and box requests), the targets the
+    checkpoint lacks, the problems of those it cannot fill, and the saved keys they use."""
+
+    items: list[Any] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    used: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -296,13 +311,13 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             else:  # rules the caller did not write for this target: applied where they match
                 target_set = PatternSet(_default_target_patterns(recorded, self.saved_patterns), strict=False)
             saved_set = PatternSet(self.saved_patterns)
-            items, problems, used = self._plan(target_set, saved_set)
+            planned = self._plan(target_set, saved_set)
             target_set.check_used("the target state dict")
             saved_set.check_used(str(checkpoint))
         except PatternError as e:
             raise LoadPlanError(f"cannot load {checkpoint}: {e}") from None
-        missing = [fqn for fqn, reason in problems if reason == "missing" and not self._may_miss(fqn)]
-        problems = [reason for _, reason in problems if reason != "missing"]
+        items, problems, used = planned.items, planned.problems, planned.used
+        missing = [fqn for fqn in planned.missing if not self._may_miss(fqn)]
         if missing:
             problems.insert(0, (
                 f"missing from {checkpoint}: {_listing(missing)} (pass allow_missing=True, or "
@@ -334,92 +349,89 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             return dataclasses.replace(new_plan, items=list(self.plan.items))
         return new_plan
 
-    def _plan(
-        self, target_set: PatternSet, saved_set: PatternSet
-    ) -> tuple[list[ReadItem], list[tuple[str, str]], set[str]]:
+    def _plan(self, target_set: PatternSet, saved_set: PatternSet) -> _TargetPlans:
         saved = self._saved_index(saved_set)
-        items: list[ReadItem] = []
-        problems: list[tuple[str, str]] = []
-        used: set[str] = set()
+        planned = _TargetPlans()
         for fqn, target in self.state_dict.items():
-            name = target_set.rename(fqn)
-            target_set.note_stacked(name)
-            if isinstance(saved.get(name), str):  # a non-tensor value
-                if isinstance(target, torch.Tensor):
-                    problems.append((fqn, f"{fqn}: saved as a non-tensor value, target is a tensor"))
-                    continue
-                used.add(saved[name])
-                items.append(_bytes_read(fqn, saved[name]))
-                continue
-            if name in saved and not isinstance(target, torch.Tensor):
-                problems.append((fqn, (
-                    f"{fqn}: saved as a tensor of shape {tuple(saved[name].md.size)}, target is "
-                    f"{type(target).__name__}"
-                )))
-                continue
-            if not isinstance(target, torch.Tensor):
-                problems.append((fqn, "missing"))
-                continue
-            source = saved.get(name)
-            if source is not None and not convertible(source.md.properties.dtype, _dtype(target)):
-                problems.append((fqn, (
-                    f"{fqn}: saved as {source.md.properties.dtype}, target is {_dtype(target)}: "
-                    "torch cannot convert between them (packed and bits dtypes load only as themselves)"
-                )))
-                continue
-            if sharded_tensor.is_sharded_tensor(target):
-                problem = self._plan_sharded_tensor(fqn, name, target, source, target_set, items)
-                if problem is not None:
-                    problems.append((fqn, problem))
-                else:
-                    used.add(source.key)
-                continue
-            dmap = dim_map_for(target_set.dim_pattern(name), fqn, target, target.shape)
-            shape = logical_shape(target.shape, dmap)
-            boxes: list[Box] = []
-            for physical in tensor_boxes(fqn, target):
-                logical, padding = map_box(physical, dmap)
-                boxes.extend(logical)
-                self._zero_padding(fqn, target, physical, padding, dmap)
-            if source is not None:
-                if source.logical_shape != shape:
-                    problems.append((fqn, (
-                        f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}"
-                    )))
-                    continue
-                used.add(source.key)
-                ident = list(range(len(shape)))
-                for b in boxes:
-                    items.extend(_box_requests(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
-                continue
-            stacked = self._plan_stacked(fqn, name, shape, boxes, target_set, saved, used)
-            if stacked is None:
-                problems.append((fqn, "missing"))
-            elif isinstance(stacked, str):
-                problems.append((fqn, stacked))
-            else:
-                items.extend(stacked)
-        return items, problems, used
+            try:
+                self._plan_target(fqn, target, target_set, saved, planned)
+            except _Unloadable as e:
+                planned.problems.append(str(e))
+        return planned
+
+    def _plan_target(
+        self, fqn: str, target: Any, target_set: PatternSet, saved: dict[str, _Saved | str],
+        planned: _TargetPlans,
+    ) -> None:
+        """Add the reads of one target to ``planned`` (or note it missing); raises
+        :class:`_Unloadable` when the checkpoint holds it in a form it cannot take."""
+        items, used = planned.items, planned.used
+        name = target_set.rename(fqn)
+        target_set.note_stacked(name)
+        if isinstance(saved.get(name), str):  # a non-tensor value
+            if isinstance(target, torch.Tensor):
+                raise _Unloadable(f"{fqn}: saved as a non-tensor value, target is a tensor")
+            used.add(saved[name])
+            items.append(_bytes_read(fqn, saved[name]))
+            return
+        if name in saved and not isinstance(target, torch.Tensor):
+            raise _Unloadable(
+                f"{fqn}: saved as a tensor of shape {tuple(saved[name].md.size)}, target is "
+                f"{type(target).__name__}"
+            )
+        if not isinstance(target, torch.Tensor):
+            planned.missing.append(fqn)
+            return
+        source = saved.get(name)
+        if source is not None and not convertible(source.md.properties.dtype, _dtype(target)):
+            raise _Unloadable(
+                f"{fqn}: saved as {source.md.properties.dtype}, target is {_dtype(target)}: "
+                "torch cannot convert between them (packed and bits dtypes load only as themselves)"
+            )
+        if sharded_tensor.is_sharded_tensor(target):
+            if source is None:
+                planned.missing.append(fqn)
+                return
+            self._plan_sharded_tensor(fqn, name, target, source, target_set, items)
+            used.add(source.key)
+            return
+        dmap = dim_map_for(target_set.dim_pattern(name), fqn, target, target.shape)
+        shape = logical_shape(target.shape, dmap)
+        boxes: list[Box] = []
+        for physical in tensor_boxes(fqn, target):
+            logical, padding = map_box(physical, dmap)
+            boxes.extend(logical)
+            self._zero_padding(fqn, target, physical, padding, dmap)
+        if source is not None:
+            if source.logical_shape != shape:
+                raise _Unloadable(f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}")
+            used.add(source.key)
+            ident = list(range(len(shape)))
+            for b in boxes:
+                items.extend(_box_requests(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
+            return
+        stacked = self._plan_stacked(fqn, name, shape, boxes, target_set, saved, used)
+        if stacked is None:
+            planned.missing.append(fqn)
+        else:
+            items.extend(stacked)
 
     @staticmethod
     def _plan_sharded_tensor(
-        fqn: str, name: str, target: Any, source: _Saved | None, target_set: PatternSet, items: list
-    ) -> str | None:
+        fqn: str, name: str, target: Any, source: _Saved, target_set: PatternSet, items: list
+    ) -> None:
         """Requests filling every local shard of a ShardedTensor target from the saved tensor
-        (each shard is an exact box); a problem message, or "missing", if it cannot be."""
+        (each shard is an exact box)."""
         if target_set.dim_pattern(name) is not None or target_set.stacked(name) is not None:
-            return f"{fqn}: layout patterns do not apply to ShardedTensor targets"
-        if source is None:
-            return "missing"
+            raise _Unloadable(f"{fqn}: layout patterns do not apply to ShardedTensor targets")
         shape = tuple(target.size())
         if source.logical_shape != shape:
-            return f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}"
+            raise _Unloadable(f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}")
         ident = list(range(len(shape)))
         for box, _ in sharded_tensor.local_shards(fqn, target, loading=True):
             items.extend(_box_requests(
                 fqn, box.local_offsets, box.global_offsets, box.lengths, source, ident, box.global_offsets
             ))
-        return None
 
     def _plan_stacked(
         self,
@@ -430,9 +442,10 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         target_set: PatternSet,
         saved: dict[str, _Saved | str],
         used: set[str],
-    ) -> list[ReadItem] | str | None:
+    ) -> list[ReadItem] | None:
         """Reads for a per-item target from a saved stack, or a stacked target from saved
-        items; ``None`` if no stacked pattern connects them, a message if shapes disagree."""
+        items; ``None`` if no stacked pattern connects them (:class:`_Unloadable` if shapes
+        disagree)."""
         hit = target_set.stacked_item(name)
         if hit is not None and isinstance(saved.get(hit[1]), _Saved):  # per-item target, stacked source
             p, stacked_key, i = hit
@@ -442,7 +455,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
                 return self._plan_scalar(fqn, shape, boxes, source, used, p, target_set)
             expected = source.logical_shape[:d] + source.logical_shape[d + 1 :]
             if expected != shape or i >= source.logical_shape[d]:
-                return f"{fqn}: item {i} of {source.key} {source.logical_shape} does not fit {shape}"
+                raise _Unloadable(f"{fqn}: item {i} of {source.key} {source.logical_shape} does not fit {shape}")
             target_set.mark_used(p)
             used.add(source.key)
             self._stack_dims[fqn] = d
@@ -473,7 +486,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         for i, source in enumerate(sources):
             if not isinstance(source, _Saved) or source.logical_shape != item_shape:
                 got = source.logical_shape if isinstance(source, _Saved) else None
-                return f"{fqn}: item {p.item_key(name, i)} is {got}, expected {item_shape}"
+                raise _Unloadable(f"{fqn}: item {p.item_key(name, i)} is {got}, expected {item_shape}")
         target_set.mark_used(p)
         used.update(s.key for s in sources)  # the stacked target consumes every item, held here or not
         self._stack_dims[fqn] = d
@@ -490,10 +503,10 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         return items
 
     @staticmethod
-    def _plan_scalar(fqn, shape, boxes, source: _Saved, used, p, target_set) -> list[ReadItem] | str:
+    def _plan_scalar(fqn, shape, boxes, source: _Saved, used, p, target_set) -> list[ReadItem]:
         """Reads of a state with no stack dim (an optimizer ``step``) across the two forms."""
         if source.logical_shape != shape:
-            return f"{fqn}: {source.key} is {source.logical_shape}, expected {shape}"
+            raise _Unloadable(f"{fqn}: {source.key} is {source.logical_shape}, expected {shape}")
         target_set.mark_used(p)
         used.add(source.key)
         ident = list(range(len(shape)))
