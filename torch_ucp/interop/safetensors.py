@@ -114,7 +114,7 @@ class SafetensorsEntry:
 
 
 @dataclass
-class _Index:
+class _SafetensorsIndex:
     """``Metadata.storage_data`` of this reader: the files and one entry per (prefixed) key."""
 
     url: str
@@ -194,7 +194,7 @@ class SafetensorsReader(IndexedReader):
     After a load, ``stats`` holds the bytes read and needed by this rank.
     """
 
-    index_type = _Index
+    index_type = _SafetensorsIndex
 
     def __init__(
         self,
@@ -210,7 +210,7 @@ class SafetensorsReader(IndexedReader):
         self.threads = threads
         self.storage_options = dict(storage_options)
         self.stats = ReadStats()
-        self._index: _Index | None = None
+        self._index: _SafetensorsIndex | None = None
         self._store: Store | None = None
 
     # -- locating the files -------------------------------------------------------------------
@@ -250,7 +250,7 @@ class SafetensorsReader(IndexedReader):
             )
         return store, files, None
 
-    def _build_index(self) -> _Index:
+    def _build_index(self) -> _SafetensorsIndex:
         store, files, index_name = self._locate()
         weight_map: dict[str, str] | None = None
         if index_name is not None:
@@ -268,7 +268,7 @@ class SafetensorsReader(IndexedReader):
                     f"'weight_map' object): {e!r}"
                 ) from None
             files = sorted(set(weight_map.values()))
-        index = _Index(url=self.path, files=files)
+        index = _SafetensorsIndex(url=self.path, files=files)
         origin: dict[str, str] = {}
         for rel in files:
             entries, file_metadata = read_header(store, rel)
@@ -364,7 +364,7 @@ class SafetensorsReader(IndexedReader):
         return fut
 
     # -- helpers ------------------------------------------------------------------------------
-    def _store_for(self, index: _Index) -> Store:
+    def _store_for(self, index: _SafetensorsIndex) -> Store:
         """The folder's store (re-opened on a rank that received the index, not the reader)."""
         if self._store is None or index.url != self.path:
             self._store, _ = self._folder()
