@@ -489,8 +489,8 @@ def run(ranks: int, tp: int, load_tp: int, stock_max: int, samples: int, base: s
         shutil.rmtree(work, ignore_errors=True)
 
 
-# (record key, heading, format[, divisor]); a column is as wide as its heading or WIDTH
-WIDTH = 11  # "10,374,579" fragments at 8,192 ranks, and a space
+# (record key, heading, format[, divisor]); a column is as wide as its heading or COLUMN_WIDTH
+COLUMN_WIDTH = 11  # "10,374,579" fragments at 8,192 ranks, and a space
 COLUMNS = [
     ("ranks", "ranks", "{:d}"),
     ("fragments", "fragments", "{:,d}"),
@@ -524,7 +524,7 @@ def _row(record: dict, prefix: str = "") -> str:
 
 
 def _width(heading: str) -> int:
-    return max(len(heading) + 1, WIDTH)
+    return max(len(heading) + 1, COLUMN_WIDTH)
 
 
 def main() -> int:
