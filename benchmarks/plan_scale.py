@@ -489,6 +489,8 @@ def run(ranks: int, tp: int, load_tp: int, stock_max: int, samples: int, base: s
         shutil.rmtree(work, ignore_errors=True)
 
 
+# (record key, heading, format[, divisor]); a column is as wide as its heading or COLUMN_WIDTH
+COLUMN_WIDTH = 11  # "10,374,579" fragments at 8,192 ranks, and a space
 COLUMNS = [
     ("ranks", "ranks", "{:d}"),
     ("fragments", "fragments", "{:,d}"),
@@ -518,7 +520,11 @@ def _row(record: dict, prefix: str = "") -> str:
         if len(col) > 3:
             value = value / col[3]
         cells.append(fmt.format(value))
-    return "".join(f"{c:>{max(len(h), 8) + 1}}" for c, (_, h, *_) in zip(cells, COLUMNS))
+    return "".join(f"{c:>{_width(h)}}" for c, (_, h, *_) in zip(cells, COLUMNS))
+
+
+def _width(heading: str) -> int:
+    return max(len(heading) + 1, COLUMN_WIDTH)
 
 
 def main() -> int:
@@ -544,7 +550,7 @@ def main() -> int:
     print(f"Llama-70B shape: {len(params)} parameters -> {4 * len(params)} saved tensors per rank "
           f"(model, exp_avg, exp_avg_sq, step), bf16; save FSDP x TP={args.tp}, load FSDP x "
           f"TP={args.load_tp}; torch {torch.__version__}; {os.cpu_count()} CPUs")
-    head = "".join(f"{h:>{max(len(h), 8) + 1}}" for _, h, *_ in COLUMNS)
+    head = "".join(f"{h:>{_width(h)}}" for _, h, *_ in COLUMNS)
     print(head)
     print("-" * len(head))
     records = []

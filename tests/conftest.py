@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
 
 # `tests.support` must be importable however pytest is launched (`pytest` or
 # `python -m pytest`, from any directory).
@@ -9,6 +10,12 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+
+# Property tests draw the same examples on every run, so a CI run never turns red on an example
+# no earlier run drew; `pytest --hypothesis-profile=explore` draws fresh ones to hunt for bugs.
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("deterministic")
 
 # ---------------------------------------------------------------------------
 # S3 fixtures: a real S3-compatible HTTP server (moto server mode) on 127.0.0.1,

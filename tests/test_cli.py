@@ -35,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tests.support.console import TORCH_UCP
 from torch_ucp import CheckpointExistsError, UCPSavePlanner, UCPWriter, open_checkpoint
 from torch_ucp.demo.launch import run_distributed
 from torch_ucp.storage.builder import CheckpointBuilder
@@ -44,7 +45,6 @@ from torch_ucp.verify import verify_checkpoint
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(300)]
 
 MiB = 1 << 20
-TORCH_UCP = shutil.which("torch-ucp") or os.path.join(os.path.dirname(sys.executable), "torch-ucp")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

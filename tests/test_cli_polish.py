@@ -10,7 +10,6 @@ import fcntl
 import logging
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -22,13 +21,13 @@ import pytest
 import torch
 
 import torch_ucp
+from tests.support.console import TORCH_UCP
 from torch_ucp.cli.common import LogFormatter
 from torch_ucp.storage.retry import is_transient, is_unreachable, retry
 from torch_ucp.storage.store import open_store
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(300)]
 
-TORCH_UCP = shutil.which("torch-ucp") or os.path.join(os.path.dirname(sys.executable), "torch-ucp")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

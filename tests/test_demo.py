@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.support.console import TORCH_UCP
+
 
 def test_demo_runs_and_verifies_bit_exact(tmp_path):
     out = subprocess.run(
-        ["torch-ucp", "demo", "--out", str(tmp_path), "--steps", "2", "--keep"],
+        [TORCH_UCP, "demo", "--out", str(tmp_path), "--steps", "2", "--keep"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -29,7 +31,7 @@ def test_demo_runs_and_verifies_bit_exact(tmp_path):
 
 
 def test_demo_help():
-    out = subprocess.run(["torch-ucp", "demo", "--help"], capture_output=True, text=True)
+    out = subprocess.run([TORCH_UCP, "demo", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--steps" in out.stdout and "--out" in out.stdout
 
 

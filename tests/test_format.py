@@ -309,10 +309,12 @@ def test_missing_metadata_is_not_found(ckpt_copy, tmp_path):
 
 
 def test_stock_filesystem_reader_cannot_read_ucp_metadata(ckpt):
-    # FORMAT.md: stock FileSystemReader.read_metadata() unpickles `.metadata` and fails with
-    # pickle.UnpicklingError ("invalid load key, '{'") on a torch_ucp checkpoint.
-    with pytest.raises(pickle.UnpicklingError, match="invalid load key"):
+    # FORMAT.md: stock FileSystemReader.read_metadata() unpickles `.metadata` and fails on a
+    # torch_ucp checkpoint; with torch_ucp imported the error (still an UnpicklingError) says
+    # what the checkpoint is and what to call instead.
+    with pytest.raises(pickle.UnpicklingError, match="is a torch_ucp checkpoint") as e:
         dcp.FileSystemReader(ckpt).read_metadata()
+    assert "invalid load key" in str(e.value.__cause__)
 
 
 def _mutate(path: str, edit) -> None:

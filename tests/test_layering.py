@@ -3,8 +3,9 @@
 ``metadata`` is the format and knows nothing of how it is planned or stored; ``patterns`` map
 tensors through it; ``planner`` (DCP planning) and ``storage`` (bytes on a store) are siblings
 that meet only in the format and in the planner protocols of ``storage.protocols``; the async
-package, interop and the CLI sit on top. Checked on the source, so a stray import fails here
-rather than as an import cycle at some user's site.
+package, interop (readers of other formats), tools (export, convert) and the CLI sit on top.
+Checked on the source, so a stray import fails here rather than as an import cycle at some
+user's site.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ ROOT = Path(torch_ucp.__file__).parent
 # package -> torch_ucp packages/modules it must not import (module-level or inside functions)
 FORBIDDEN = {
     "metadata": {"planner", "storage", "patterns", "asynchronous", "interop", "cli", "api",
-                 "checkpoint", "management", "integrations", "demo"},
-    "patterns": {"planner", "storage", "asynchronous", "interop", "cli", "api", "checkpoint"},
+                 "checkpoint", "management", "integrations", "demo", "tools"},
+    "patterns": {"planner", "storage", "asynchronous", "interop", "cli", "api", "checkpoint", "tools"},
     "storage": {"planner", "patterns", "asynchronous", "interop", "cli", "api", "management",
-                "integrations", "demo"},
-    "planner": {"storage", "asynchronous", "interop", "cli", "api", "management", "integrations"},
+                "integrations", "demo", "tools"},
+    "planner": {"storage", "asynchronous", "interop", "cli", "api", "management", "integrations", "tools"},
+    # readers of other formats; the tools (export, convert) and the CLI build on them
+    "interop": {"asynchronous", "cli", "api", "management", "integrations", "demo", "tools"},
+    "tools": {"cli", "asynchronous", "api", "management", "integrations", "demo"},
 }
 
 

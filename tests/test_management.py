@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
 
@@ -25,12 +23,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import torch_ucp
+from tests.support.console import TORCH_UCP
 from torch_ucp.demo.launch import run_distributed
 from torch_ucp.verify import verify_checkpoint
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(300)]
 
-TORCH_UCP = shutil.which("torch-ucp") or os.path.join(os.path.dirname(sys.executable), "torch-ucp")
 
 
 def _state(step: int) -> dict:

@@ -8,17 +8,22 @@ malformed bytes give a named CorruptCheckpointError with bounded work, whatever 
 from __future__ import annotations
 
 import collections
+import json
 import math
 import random
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch.distributed.fsdp import ShardingStrategy
 
 from torch_ucp import CorruptCheckpointError, UnsafeCheckpointError
 from torch_ucp.metadata.cbor import MAX_DEPTH, Tag, dumps, loads
 from torch_ucp.metadata.values import decode_value, encode_value
+from torch_ucp.sizes import parse_size
 
 
 def same(a, b) -> bool:
@@ -194,3 +199,234 @@ def test_cbor_is_the_standard_encoding():
     assert dumps({"a": 1}) == b"\xa1\x61a\x01"
     assert encode_value((1, 2)) == ("cbor", b"\xd8\x1b\x83\x65tuple\x01\x02")  # tag 27
     assert loads(b"\xf9\x3c\x00") == 1.0 and loads(b"\xfa\x3f\xc0\x00\x00") == 1.5  # half, single
+
+
+# Generation may be slow on a loaded CI machine; the examples are few and fixed in number.
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- property-based: every supported value round-trips, everything else is refused by name -----
+# (hypothesis over nested values of every supported type; the cases above pin single examples)
+HASHABLE_LEAVES = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6)
+    | st.binary(max_size=6) | st.complex_numbers(allow_nan=False)
+)
+HASHABLE = st.recursive(
+    HASHABLE_LEAVES, lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3), max_leaves=6
+)
+TORCH_DTYPES = [
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+    torch.float8_e4m3fn, torch.float8_e5m2,
+]
+
+
+@st.composite
+def tensors(draw):
+    dtype = draw(st.sampled_from(TORCH_DTYPES))
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    if dtype is torch.bool:
+        data = bytes(draw(st.lists(st.integers(0, 1), min_size=numel, max_size=numel)))
+    else:  # any bit pattern: NaNs, infinities, subnormals, negative zeros
+        data = draw(st.binary(min_size=numel * itemsize, max_size=numel * itemsize))
+    t = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    t = t.reshape(shape)
+    if len(shape) == 2 and draw(st.booleans()):
+        t = t.t().contiguous().t()  # a non-contiguous view: stored in logical order
+    if dtype.is_floating_point or dtype.is_complex:
+        kind = draw(st.sampled_from(["plain", "grad", "parameter"]))
+        if kind == "grad":
+            t = t.clone().requires_grad_(True)
+        elif kind == "parameter":
+            t = torch.nn.Parameter(t.clone(), requires_grad=draw(st.booleans()))
+    return t
+
+
+NUMPY_DTYPES = (
+    hnp.boolean_dtypes() | hnp.integer_dtypes(endianness="?") | hnp.unsigned_integer_dtypes(endianness="?")
+    | hnp.floating_dtypes(endianness="?") | hnp.complex_number_dtypes(endianness="?")
+)
+LEAVES = (
+    HASHABLE_LEAVES
+    | st.floats()  # NaN and infinities too
+    | st.binary(max_size=8).map(bytearray)
+    | st.complex_numbers()
+    | st.lists(st.integers(0, 2**40), max_size=4).map(torch.Size)
+    | st.sampled_from([*TORCH_DTYPES, torch.qint8, torch.complex128])
+    | st.sampled_from([torch.device(d) for d in ("cpu", "cuda:7", "meta", "mps")])
+    | st.sampled_from(
+        [torch.channels_last, torch.contiguous_format, torch.preserve_format, torch.channels_last_3d]
+    )
+    | st.sampled_from([torch.strided, torch.sparse_coo, torch.sparse_csr, torch.per_tensor_symmetric])
+    | st.sampled_from(list(ShardingStrategy))
+    | tensors()
+    | hnp.arrays(NUMPY_DTYPES, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3))
+    | hnp.from_dtype(np.dtype("f4")).map(np.float32)
+    | NUMPY_DTYPES.flatmap(lambda d: hnp.arrays(d, ()).map(lambda a: a[()]))  # numpy scalars
+)
+VALUES_STRATEGY = st.recursive(
+    LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+        | st.dictionaries(HASHABLE, inner, max_size=3)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=3).map(collections.OrderedDict)
+        | st.sets(HASHABLE, max_size=4)
+        | st.frozensets(HASHABLE, max_size=4)
+    ),
+    max_leaves=12,
+)
+JSON_STRATEGY = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def same_value(a, b) -> bool:
+    """``same`` extended to sets, complex numbers and numpy scalars (bits, not ``==``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (set, frozenset)):
+        return a == b and all(any(same_value(x, y) for y in b) for x in a)
+    if isinstance(a, complex):
+        return same(a.real, b.real) and same(a.imag, b.imag)
+    if isinstance(a, np.generic):
+        return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(
+            same_value(k, j) and same_value(a[k], b[j]) for k, j in zip(a, b)
+        )
+    if isinstance(a, torch.Tensor) and not a.is_contiguous():
+        return same(a.contiguous(), b)
+    return same(a, b)
+
+
+@settings(PROPERTY, max_examples=150)
+@given(VALUES_STRATEGY)
+def test_every_supported_value_round_trips_exactly_without_pickle(value):
+    encoding, payload = encode_value(value, name="v")
+    assert encoding in ("raw", "json", "cbor"), encoding
+    assert encode_value(value, name="v", allow_pickle=True) == (encoding, payload)  # pickle: last resort
+    assert same_value(decode_value(encoding, payload, "v"), value)
+
+
+@settings(PROPERTY, max_examples=100)
+@given(tensors() | hnp.arrays(NUMPY_DTYPES, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)))
+def test_tensors_and_arrays_round_trip_bit_exactly(value):
+    """Every dtype, any bit pattern, with requires_grad and Parameter-ness kept."""
+    encoding, payload = encode_value(value, name="v")
+    assert encoding == "cbor"
+    got = decode_value(encoding, payload, "v")
+    assert same_value(got, value)
+    if isinstance(value, torch.Tensor):
+        assert got.is_contiguous() and got.requires_grad == value.requires_grad
+
+
+@settings(PROPERTY, max_examples=100)
+@given(JSON_STRATEGY)
+def test_values_json_gives_back_unchanged_are_json(value):
+    encoding, payload = encode_value(value)
+    assert encoding == "json"
+    assert json.loads(payload) == value and same_value(decode_value("json", payload), value)
+
+
+@settings(PROPERTY, max_examples=50)
+@given(st.binary(max_size=64))
+def test_bytes_are_stored_as_they_are(data):
+    assert encode_value(data) == ("raw", data)
+    assert encode_value(memoryview(data)) == ("raw", data)
+    assert decode_value("raw", data) == data
+
+
+UNSUPPORTED = st.sampled_from([
+    Point(1), print, same, object(), collections.defaultdict(list), collections.Counter("ab"),
+    np.array(["a"], dtype=object), np.datetime64("2026-01-01"), torch.zeros(2).to_sparse(), range(3),
+    torch.zeros(2, device="meta"),
+])
+
+
+@st.composite
+def nested_unsupported(draw):
+    """(value, the path to the unsupported part as the error writes it, the part)."""
+    bad = draw(UNSUPPORTED)
+    value, path = bad, ""
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["list", "tuple", "dict"]))
+        filler = draw(st.lists(JSON_STRATEGY, max_size=2))
+        i = draw(st.integers(0, len(filler)))
+        if kind == "dict":
+            key = draw(st.text(max_size=4))
+            d = {f"_{j}": x for j, x in enumerate(filler)}
+            d[key] = value
+            value, path = d, f"[{key!r}]{path}"
+        else:
+            items = [*filler[:i], value, *filler[i:]]
+            value, path = (items if kind == "list" else tuple(items)), f"[{i}]{path}"
+    return value, path, bad
+
+
+@settings(PROPERTY, max_examples=100)
+@given(nested_unsupported())
+def test_unsupported_values_are_refused_naming_key_place_and_type(case):
+    value, path, bad = case
+    with pytest.raises(UnsafeCheckpointError) as e:
+        encode_value(value, name="optim.extra")
+    msg = str(e.value)
+    assert "'optim.extra'" in msg and "allow_pickle=True" in msg, msg
+    if path:
+        assert f"(at optim.extra{path})" in msg, (msg, path)
+    if isinstance(bad, torch.Tensor):
+        assert "plain dense tensors only" in msg, msg
+    else:
+        assert type(bad).__qualname__ in msg, msg
+
+
+@pytest.mark.parametrize("encoding", ["raw", "json", "cbor"])
+@settings(PROPERTY, max_examples=30)
+@given(data=st.binary(max_size=40))
+def test_any_bytes_decode_or_fail_with_a_named_error(encoding, data):
+    """Random bytes give a value or a CorruptCheckpointError naming the key, never another error."""
+    try:
+        decode_value(encoding, data, "opt.state")
+    except CorruptCheckpointError as e:
+        assert "'opt.state'" in str(e)
+
+
+# -- parse_size (--max-shard-size) --------------------------------------------------------------
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10,
+         "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+@settings(PROPERTY, max_examples=200)
+@given(st.integers(1, 10**6), st.sampled_from(list(UNITS)), st.sampled_from([str.upper, str.lower, str]),
+       st.sampled_from(["", " "]), st.sampled_from(["", " "]))
+def test_parse_size_reads_whole_sizes_in_every_unit(n, unit, case, pad, gap):
+    assert parse_size(f"{pad}{n}{gap}{case(unit)}{pad}") == n * UNITS[unit]
+
+
+@settings(PROPERTY, max_examples=200)
+@given(st.integers(1, 10**6), st.integers(1, 3), st.sampled_from(list(UNITS)))
+def test_parse_size_reads_decimal_fractions_exactly(fraction, digits, unit):
+    text = f"{fraction // 10**digits}.{fraction % 10**digits:0{digits}d}{unit}"
+    size = fraction * UNITS[unit] // 10**digits  # whole bytes, floored
+    if size == 0:
+        with pytest.raises(ValueError, match="must be positive"):
+            parse_size(text)
+    else:
+        assert parse_size(text) == size, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "MB", "abc", "-5MB", "+5MB", "5 XB", "1e3", "5.MB", ".5MB", "0", "0MB", "0.0001KB", "5 5MB", "5MBs"],
+)
+def test_parse_size_refuses_what_it_does_not_document(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)

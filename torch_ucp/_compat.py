@@ -7,7 +7,9 @@ them breaks exactly one file, and the guard below says which release was tested.
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,6 +65,33 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
+def sharded_tensor_type() -> type:
+    """``ShardedTensor`` of ``torch.distributed._shard`` (FSDP1's ``SHARDED_STATE_DICT``,
+    torchrec, older checkpoints)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return ShardedTensor
+
+
+def chunk_sharding_dim(st: torch.Tensor) -> int | None:
+    """The sharded dim of a ShardedTensor built from a ``ChunkShardingSpec`` (``None`` for any
+    other sharding spec)."""
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    spec = st.sharding_spec()
+    return int(spec.dim) if isinstance(spec, ChunkShardingSpec) and isinstance(spec.dim, int) else None
+
+
+def sharded_tensor_global_rank(st: torch.Tensor, group_rank: int) -> int:
+    """The global rank of a ShardedTensor's placement rank (placements name ranks of the
+    tensor's own process group, ``ShardedTensor._process_group``)."""
+    import torch.distributed as dist
+
+    group = getattr(st, "_process_group", None)
+    if group is None or not dist.is_initialized() or group is dist.GroupMember.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
 
 def create_write_items(fqn: str, obj: Any) -> list[WriteItem]:
     """DCP's write items for a tensor-like object it knows how to save (``ShardedTensor``, an
@@ -83,3 +112,63 @@ def set_element(root: dict[str, Any], path: Any, value: Any) -> None:
 def flatten_state_dict(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """DCP's flattening of a nested state dict: ``(flat, mapping)`` with dotted FQNs."""
     return _flatten_state_dict(state)
+
+
+def open_stock_metadata(reader: Any, rank: int | None = None) -> Any:
+    """A binary stream of the ``.metadata`` object a stock ``FileSystemReader`` /
+    ``FsspecReader`` reads (``reader._get_metadata_path``, ``reader.fs``)."""
+    return reader.fs.create_stream(reader._get_metadata_path(rank), "rb")
+def fsspec_dcp_reader(url: str, storage_options: Mapping[str, Any]) -> Any:
+    """Stock DCP's ``FsspecReader`` for ``url`` (its module, ``_fsspec_filesystem``, is private)."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(url, **storage_options)
+
+
+_DATA_RECORD = re.compile(r"(.*/)?data/\d+")  # a storage's record in a torch.save zip file
+
+
+def save_skeleton(
+    path: str, tensors: Mapping[str, tuple[Sequence[int], torch.dtype]], values: Mapping[str, Any]
+) -> dict[str, int] | None:
+    """``torch.save`` the flat dict ``{**tensors, **values}`` to ``path`` with every tensor's
+    record laid out but not written, and return where each tensor's bytes go in the file.
+
+    ``tensors`` maps names to ``(shape, dtype)``; nothing of that size is allocated (the
+    tensors are fake, and ``skip_data`` writes no storage bytes). Writing each tensor's
+    contiguous bytes at its offset then makes ``path`` the file ``torch.save`` would have
+    written, one tensor at a time. Returns ``None`` when the file's records are not exactly
+    those tensors (a value holds tensors of its own): the file is then not filled that way.
+
+    Private APIs: ``FakeTensorMode`` and ``torch._C.PyTorchFileReader`` (record offsets). The
+    offsets come from ``torch.load(mmap=True)``, which maps the file once and makes every
+    storage a slice of that mapping, so a storage's address minus the lowest one equals its
+    record's offset minus the lowest record offset; the result is checked against the
+    records themselves, so a torch whose layout differs yields ``None``, never wrong offsets.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        skeleton: dict[str, Any] = {
+            name: torch.empty(tuple(shape), dtype=dtype) for name, (shape, dtype) in tensors.items()
+        }
+    skeleton.update(values)
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(skeleton, path)
+    del skeleton
+    reader = torch._C.PyTorchFileReader(path)
+    records = [r for r in reader.get_all_records() if _DATA_RECORD.fullmatch(r)]
+    if len(records) != len(tensors):
+        return None
+    offsets = sorted(reader.get_record_offset(r) for r in records)
+    try:
+        loaded = torch.load(path, mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - values this process itself just saved: re-read once
+        loaded = torch.load(path, mmap=True, weights_only=False)
+    addresses = {name: loaded[name].untyped_storage().data_ptr() for name in tensors}
+    del loaded
+    if not addresses:
+        return {}
+    low = min(addresses.values())
+    result = {name: offsets[0] + address - low for name, address in addresses.items()}
+    return result if sorted(result.values()) == offsets else None

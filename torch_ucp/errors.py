@@ -4,12 +4,16 @@ Every problem with a checkpoint or with the state being saved or loaded is a
 :class:`CheckpointError`; the subclasses say which kind (and several also derive from the
 built-in exception a caller would expect: ``FileNotFoundError``, ``FileExistsError``,
 ``ValueError``, ``KeyError``). Wrong arguments to a torch_ucp function (a negative thread
-count, ``overwrite="no"``) are ordinary ``TypeError``/``ValueError``, as in the standard library.
+count, ``overwrite="no"``) are ordinary ``TypeError``/``ValueError``, as in the standard library
+(:class:`OptionError`, a ``ValueError``, where the message must name the option).
 Through ``dcp.save``/``dcp.load`` every rank's error arrives wrapped in DCP's
 ``CheckpointException``: :func:`rank_error` takes it out (``torch_ucp.save``/``load`` do).
 """
 
 from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
 
 
 class CheckpointError(Exception):
@@ -22,6 +26,12 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class UnsupportedFormatError(CheckpointError):
     """The metadata is not a torch_ucp checkpoint, or of a format version this build cannot read."""
+
+
+class NotStockCheckpointError(UnsupportedFormatError, pickle.UnpicklingError):
+    """A stock DCP reader (``FileSystemReader``, ``FsspecReader``) was pointed at a torch_ucp
+    checkpoint; the message names the torch_ucp calls to use. Still an ``UnpicklingError``,
+    what the stock reader raised before, so existing handlers keep working."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -96,6 +106,31 @@ class SharedReadError(CheckpointError):
 
 def _shared_read_error(message: str, source_rank: int) -> SharedReadError:
     return SharedReadError(message, source_rank=source_rank)
+class OptionError(ValueError):
+    """A wrong argument (or combination of arguments) to a :mod:`torch_ucp.tools` function,
+    whose message names the option so that each caller can spell it its own way.
+
+    The same check serves the Python API and the ``torch-ucp`` command, whose users write an
+    option differently (``overwrite=True``, ``--overwrite``): the message holds the placeholder
+    ``{option}``; ``str(e)`` spells it as the Python keyword, :meth:`render` as the caller
+    wants (the CLI as its flag).
+
+    Attributes:
+        template: the message with ``{option}`` where the option's name goes.
+        option: the parameter at fault, as the Python keyword (``"strip_prefix"``).
+        value: its value where the message shows it (``overwrite=True`` as the fix), else
+            ``None``.
+    """
+
+    def __init__(self, template: str, option: str, value: object = None) -> None:
+        self.template = template
+        self.option = option
+        self.value = value
+        super().__init__(self.render(lambda name, v: name if v is None else f"{name}={v!r}"))
+
+    def render(self, spell: Callable[[str, object], str]) -> str:
+        """The message with ``{option}`` replaced by ``spell(option, value)``."""
+        return self.template.replace("{option}", spell(self.option, self.value))
 
 
 def rank_error(exc: BaseException) -> BaseException | None:

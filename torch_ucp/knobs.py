@@ -175,3 +175,11 @@ def launch_start_method() -> str:
     """How :func:`torch_ucp.demo.launch.run_distributed` starts ranks: ``forkserver`` (torch
     imported once, ranks fork from it) or ``spawn`` (a fresh interpreter per rank)."""
     return os.environ.get("TORCH_UCP_LAUNCH_START_METHOD") or "forkserver"
+
+
+def explain_stock_readers() -> bool:
+    """Wrap stock DCP's ``FileSystemReader.read_metadata`` when torch_ucp is imported, so that a
+    stock reader pointed at a torch_ucp checkpoint says so and names the calls to use instead of
+    failing with ``UnpicklingError: invalid load key, '{'`` (:mod:`torch_ucp.interop.
+    stock_readers`). ``TORCH_UCP_EXPLAIN_STOCK_READERS=0`` leaves stock DCP untouched."""
+    return _env_int("EXPLAIN_STOCK_READERS", 1) != 0

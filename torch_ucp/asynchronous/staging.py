@@ -62,10 +62,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from torch_ucp.errors import CheckpointError
+from torch_ucp.metadata.schema import ITEM_ALIGNMENT
 
 logger = logging.getLogger(__name__)
 
-ALIGNMENT = 64  # bytes; every staged tensor starts on a cache line (and any dtype's alignment)
+# bytes: every staged tensor starts where the file's items do (a cache line, any dtype's alignment)
+ALIGNMENT = ITEM_ALIGNMENT
 
 
 def _align(n: int) -> int:
@@ -77,13 +79,14 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _poolable(t: torch.Tensor) -> bool:
-    """Plain strided tensors of ordinary dtypes go to the arena; anything else is deep-copied."""
+    """Plain strided tensors of ordinary dtypes go to the arena; anything else is deep-copied.
+    The type is checked first: subclasses such as ShardedTensor refuse the other attributes."""
     return (
-        t.layout == torch.strided
+        (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+        and t.layout == torch.strided
         and not t.is_quantized
         and not t.is_nested
         and t.device.type != "meta"
-        and (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
     )
 
 

@@ -6,16 +6,45 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from torch_ucp.errors import CheckpointError
+from torch_ucp.errors import CheckpointError, OptionError
 from torch_ucp.sizes import byte_unit
 
 
 class CommandError(Exception):
     """A usage error: printed as one line, exit status 2 (checkpoint errors exit 1)."""
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 value"``, ``"2 values"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
+
+
+@contextmanager
+def options_as_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise a :class:`~torch_ucp.errors.OptionError` of a :mod:`torch_ucp.tools` call as a
+    usage error naming the command's flag (``flags``: Python keyword -> flag or metavar)."""
+    try:
+        yield
+    except OptionError as e:
+        raise CommandError(e.render(lambda option, value: _flag(flags.get(option, option), value))) from None
+
+
+def _flag(flag: str, value: Any) -> str:
+    """``--overwrite``, ``--keys a b``, ``--strip-prefix 'model.'``."""
+    if value is None or value is True or not flag.startswith("-"):
+        return flag
+    if isinstance(value, (list, tuple)):
+        return " ".join([flag, *map(str, value)])
+    return f"{flag} {value!r}"
+
+
+def add_keys_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--keys GLOB ...``: shell patterns selecting keys (``help_text`` says what for)."""
+    parser.add_argument("--keys", nargs="+", action="extend", metavar="GLOB", help=help_text)
 
 
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:

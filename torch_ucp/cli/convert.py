@@ -12,7 +12,8 @@ host memory stays near the largest tensor. Keys, the nested-state-dict paths and
 records them, the mesh and placements each tensor was saved from are kept. Then load DST on any
 layout with UCPReader + UCPLoadPlanner, or check it with torch-ucp verify DST.
 
-The same --storage-option values apply to SRC and DST.
+The same --storage-option values apply to SRC and DST. This is the command line of
+torch_ucp.tools.convert_checkpoint.
 
 Examples:
   torch-ucp convert ./dcp-step-100 s3://bucket/run/step-100 -o endpoint_url=http://127.0.0.1:9000
@@ -22,20 +23,22 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 
 from torch_ucp.cli.common import (
     CommandError,
+    add_keys_argument,
     add_storage_arguments,
     add_trust_argument,
+    options_as_flags,
+    plural,
     progress,
     storage_options,
 )
-from torch_ucp.cli.inspect import plural
-from torch_ucp.errors import CheckpointError, CheckpointExistsError
-from torch_ucp.interop.sources import open_source, select_keys
+from torch_ucp.errors import CheckpointError, CheckpointExistsError, OptionError
 from torch_ucp.sizes import human_bytes
-from torch_ucp.storage.builder import CheckpointBuilder
+from torch_ucp.tools import convert_checkpoint, plan_export
+
+_FLAGS = {"dst": "DST", "keys": "--keys", "overwrite": "--overwrite"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,63 +49,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace a committed checkpoint at DST (it stays loadable until the new one commits)",
     )
-    parser.add_argument(
-        "--keys",
-        nargs="+",
-        action="extend",
-        metavar="GLOB",
-        help="convert only keys matching any of these shell patterns (give it after SRC DST)",
+    add_keys_argument(
+        parser,
+        "convert only keys matching any of these shell patterns (give it after SRC DST)",
     )
     add_trust_argument(parser)
     add_storage_arguments(parser)
 
 
-def _same(a: str, b: str) -> bool:
-    if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
 def main(args: argparse.Namespace) -> int:
     options = storage_options(args)
-    if _same(args.src, args.dst):
-        raise CommandError("SRC and DST are the same; convert into a new folder")
-    source = open_source(args.src, options, trust_pickle=args.trust_pickle)
-    keys = select_keys(source.keys(), args.keys)
-    if not keys:
-        raise CommandError(f"no key of {args.src} matches --keys {' '.join(args.keys or [])}")
-    tensors = [k for k in keys if k in source.tensors]
-    values = [k for k in keys if k in source.values]
-    total = sum(source.tensors[k].nbytes for k in tensors)
-    try:
+    with options_as_flags(_FLAGS):
+        plan = plan_export(args.src, keys=args.keys, storage_options=options, trust_pickle=args.trust_pickle)
         try:
-            # values unpickled with --trust-pickle that have no pickle-free encoding stay pickled
-            builder = CheckpointBuilder(
-                args.dst, overwrite=args.overwrite, allow_pickle=args.trust_pickle, **options
-            )
+            with progress(args, plan.nbytes, "convert") as update:
+                result = convert_checkpoint(
+                    plan, args.dst, overwrite=args.overwrite, storage_options=options,
+                    trust_pickle=args.trust_pickle, progress=update,
+                )
         except CheckpointExistsError:
             raise CheckpointExistsError(
                 f"{args.dst} already holds a committed checkpoint; pass --overwrite to replace it"
             ) from None
-        with builder, progress(args, total, "convert") as update:
-            for key in tensors:
-                info = source.tensors[key]
-                tensor = source.read_tensor(key)
-                builder.add_tensor(
-                    key, tensor, path=info.path, mesh=info.mesh, placements=info.placements
-                )
-                del tensor
-                update(info.nbytes)
-            for key in values:
-                builder.add_value(key, source.read_value(key), path=source.values[key].path)
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, TypeError) as e:
-        raise CommandError(" ".join(f"cannot convert to {args.dst}: {e}".split())) from e
+        except (CheckpointError, OptionError):
+            raise
+        except (OSError, ValueError, TypeError) as e:
+            raise CommandError(" ".join(f"cannot convert to {args.dst}: {e}".split())) from e
     print(
-        f"converted {source.format} checkpoint {args.src} -> torch_ucp checkpoint {args.dst}: "
-        f"{plural(len(tensors), 'tensor')} ({human_bytes(total)}), "
-        f"{plural(len(values), 'value')}, "
-        f"save id {builder.save_id}"
+        f"converted {result.source_format} checkpoint {args.src} -> torch_ucp checkpoint {args.dst}: "
+        f"{plural(result.tensors, 'tensor')} ({human_bytes(result.nbytes)}), "
+        f"{plural(result.values, 'value')}, "
+        f"save id {result.save_id}"
     )
     return 0

@@ -19,23 +19,26 @@ import json
 import time
 from typing import Any
 
-from torch_ucp.cli.common import add_storage_arguments, add_trust_argument, storage_options
-from torch_ucp.interop.sources import CheckpointSource, TensorInfo, open_source, select_keys
+from torch_ucp.cli.common import (
+    add_keys_argument,
+    add_storage_arguments,
+    add_trust_argument,
+    plural,
+    storage_options,
+)
 from torch_ucp.metadata.dtypes import dtype_to_name
-from torch_ucp.metadata.fields import placement_to_json
+from torch_ucp.metadata.fields import mesh_to_json, placement_to_json
 from torch_ucp.metadata.schema import MeshInfo
 from torch_ucp.sizes import human_bytes
+from torch_ucp.tools.sources import CheckpointSource, TensorInfo, open_source, select_keys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", metavar="URL", help="checkpoint folder: path or fsspec URL")
     parser.add_argument("--json", action="store_true", help="print everything as one JSON object")
-    parser.add_argument(
-        "--keys",
-        nargs="+",
-        action="extend",
-        metavar="GLOB",
-        help="show only keys matching any of these shell patterns, e.g. --keys 'model.*' "
+    add_keys_argument(
+        parser,
+        "show only keys matching any of these shell patterns, e.g. --keys 'model.*' "
         "'optim.state.model.output.*' (give it after URL; totals then count the shown keys)",
     )
     add_trust_argument(parser)
@@ -55,21 +58,15 @@ def _mesh(mesh: MeshInfo) -> str:
     return "(" + ", ".join(str(s) for s in mesh.shape) + ")"
 
 
+_SAVED_AS = {"sharded_tensor": "ShardedTensor"}
+
+
 def _layout(t: TensorInfo) -> str:
+    held = _SAVED_AS.get(t.saved_as, t.saved_as) if t.saved_as else None
     if t.mesh is None or t.placements is None:
-        return "-"
-    return f"mesh{_mesh(t.mesh)} [{', '.join(str(p) for p in t.placements)}]"
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """``"1 value"``, ``"2 values"``."""
-    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
-
-
-def _mesh_json(mesh: MeshInfo | None) -> dict[str, Any] | None:
-    if mesh is None:
-        return None
-    return {"shape": list(mesh.shape), "dim_names": list(mesh.dim_names) if mesh.dim_names else None}
+        return f"{held} ({plural(t.pieces, 'shard')})" if held else "-"
+    layout = f"mesh{_mesh(t.mesh)} [{', '.join(str(p) for p in t.placements)}]"
+    return f"{held} {layout}" if held else layout
 
 
 def describe(source: CheckpointSource, patterns: list[str] | None = None) -> dict[str, Any]:
@@ -85,9 +82,11 @@ def describe(source: CheckpointSource, patterns: list[str] | None = None) -> dic
                 "shape": list(t.shape),
                 "bytes": t.nbytes,
                 source.pieces_name: t.pieces,
-                "mesh": _mesh_json(t.mesh),
+                "mesh": mesh_to_json(t.mesh, ranks=False) if t.mesh else None,
                 "placements": [placement_to_json(p) for p in t.placements] if t.placements else None,
             }
+            if t.saved_as:  # only where it says something (a ShardedTensor), as in the header
+                tensors[key]["saved_as"] = t.saved_as
         else:
             v = source.values[key]
             values[key] = {"encoding": v.encoding, "bytes": v.nbytes}
@@ -95,7 +94,7 @@ def describe(source: CheckpointSource, patterns: list[str] | None = None) -> dic
     return {
         "url": source.url,
         **summary,
-        "meshes": [_mesh_json(m) for m in source.meshes()],
+        "meshes": [mesh_to_json(m, ranks=False) for m in source.meshes()],
         "tensors": tensors,
         "values": values,
         "totals": {

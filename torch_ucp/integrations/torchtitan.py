@@ -48,6 +48,7 @@ from torchtitan.tools.utils import GarbageCollection
 from torch_ucp.asynchronous import async_save
 from torch_ucp.planner import UCPLoadPlanner, UCPSavePlanner
 from torch_ucp.storage import UCPReader, UCPWriter
+from torch_ucp.storage.urls import is_local_url
 
 # The async mode that cost training the least time per save in benchmarks/async_save_bench.py
 # (docs/PERFORMANCE.md): the save call copies into the staging pool.
@@ -83,8 +84,8 @@ class UCPCheckpointManager(CheckpointManager):
             # torch_ucp stages into its own pool; TorchTitan's stager would stage a second copy
             # into pinned shared memory (and refuses to exist without CUDA)
             self.stager = _UnusedStager()
-        protocol, _ = fsspec.core.split_protocol(self.folder)
-        if protocol not in (None, "file", "local") and self.storage_options:
+        if not is_local_url(self.folder) and self.storage_options:
+            protocol, _ = fsspec.core.split_protocol(self.folder)
             fsspec.config.conf.setdefault(protocol, {}).update(self.storage_options)
 
     @torch.no_grad()

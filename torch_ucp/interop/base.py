@@ -17,6 +17,14 @@ class IndexedReader(StorageReader):
     index_type: ClassVar[type] = object
     _index: Any = None
 
+    def _loaded_index(self) -> Any:
+        """The index, built by :meth:`read_metadata` on first use (a reader used for
+        ``read_data`` alone, or after ``reset``)."""
+        if self._index is None:
+            self.read_metadata()
+        assert self._index is not None
+        return self._index
+
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:

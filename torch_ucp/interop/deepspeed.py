@@ -95,6 +95,7 @@ from torch_ucp.errors import (
     UnsafeCheckpointError,
 )
 from torch_ucp.interop.base import IndexedReader
+from torch_ucp.planner.layout import narrow
 from torch_ucp.storage.store import Store, open_store
 
 __all__ = ["DeepSpeedUniversalReader"]
@@ -132,7 +133,7 @@ class _Source:
 
 
 @dataclass
-class _Index:
+class _UniversalIndex:
     """``Metadata.storage_data`` of this reader: the resolved root and one source per key."""
 
     root: Store
@@ -212,13 +213,6 @@ def _tensor_of(value: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _narrow(tensor: torch.Tensor, offsets: torch.Size, lengths: torch.Size) -> torch.Tensor:
-    for dim, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
-        if offset != 0 or length != tensor.size(dim):
-            tensor = tensor.narrow(dim, offset, length)
-    return tensor
-
-
 def _tensor_md(shape: tuple[int, ...], dtype: torch.dtype) -> TensorStorageMetadata:
     size = torch.Size(shape)
     return TensorStorageMetadata(
@@ -253,7 +247,7 @@ class DeepSpeedUniversalReader(IndexedReader):
     ``read_metadata``), so it pickles.
     """
 
-    index_type = _Index
+    index_type = _UniversalIndex
 
     def __init__(
         self,
@@ -274,7 +268,7 @@ class DeepSpeedUniversalReader(IndexedReader):
         self.step_as = step_as
         self.load_param_groups = load_param_groups
         self.storage_options = dict(storage_options)
-        self._index: _Index | None = None
+        self._index: _UniversalIndex | None = None
 
     # ---------------------------------------------------------------- StorageReader API
 
@@ -294,7 +288,7 @@ class DeepSpeedUniversalReader(IndexedReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Index the universal checkpoint: one whole-tensor chunk per key."""
         root = self._resolve_root()
-        index = _Index(root=root)
+        index = _UniversalIndex(root=root)
         state_md: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
 
         files_by_param = self._list_param_files(root)
@@ -363,10 +357,7 @@ class DeepSpeedUniversalReader(IndexedReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner, **kwargs: Any) -> Future[None]:
         """Serve every read item, one file at a time in sorted order."""
-        if self._index is None:
-            self.read_metadata()
-        index = self._index
-        assert index is not None
+        index = self._loaded_index()
         by_file: dict[str, list[tuple[ReadItem, _Source]]] = defaultdict(list)
         for item in plan.items:
             source = index.sources.get(item.storage_index.fqn)
@@ -388,7 +379,7 @@ class DeepSpeedUniversalReader(IndexedReader):
                     planner.load_bytes(item, buffer)
                     continue
                 src = self._tensor(source, loaded, item.storage_index, index.root)
-                src = _narrow(src, item.storage_offsets, item.lengths)
+                src = narrow(src, item.storage_offsets, item.lengths)
                 target = planner.resolve_tensor(item).detach()
                 if target.size() != src.size():
                     raise CorruptCheckpointError(
@@ -522,7 +513,7 @@ class DeepSpeedUniversalReader(IndexedReader):
                 f"DeepSpeed universal checkpoint {self.path!r}: missing file {root.describe(relpath)}, "
                 f"expected to hold {wanted}"
             ) from None
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # not a torch.save file
             raise CorruptCheckpointError(f"cannot read {root.describe(relpath)}: {e}") from e
 
     def _tensor(

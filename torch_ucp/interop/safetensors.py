@@ -32,10 +32,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import posixpath
 import struct
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,18 +48,20 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
+from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
 from torch_ucp.interop.base import IndexedReader
+from torch_ucp.metadata.dtypes import name_to_dtype
 from torch_ucp.metadata.schema import StoredBytes
-from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.reader import commit_callback
 from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
 from torch_ucp.storage.store import Store, open_store
-from torch_ucp.storage.writer import tensor_bytes
+from torch_ucp.storage.urls import split_url
 
 __all__ = [
+    "INDEX_NAME",
     "SAFETENSORS_DTYPES",
-    "SafetensorsFileWriter",
+    "SINGLE_NAME",
     "SafetensorsReader",
     "safetensors_dtype_name",
 ]
@@ -70,29 +70,28 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
-#: safetensors dtype names -> torch dtypes (those this torch has).
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
+#: safetensors' name of each dtype, by the torch_ucp format's name of it (metadata/dtypes.py).
+_SAFETENSORS_NAMES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
 }
-for _name, _attr in (
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    dtypes = {}
+    for name, st_name in _SAFETENSORS_NAMES.items():
+        try:
+            dtypes[st_name] = name_to_dtype(name)
+        except ValueError:  # a dtype this torch does not have (uint16/32/64, float8 before 2.1)
+            continue
+    return dtypes
+
+
+#: safetensors dtype names -> torch dtypes (those this torch has).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = _torch_dtypes()
 _NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -115,22 +114,13 @@ class SafetensorsEntry:
 
 
 @dataclass
-class _Index:
+class _SafetensorsIndex:
     """``Metadata.storage_data`` of this reader: the files and one entry per (prefixed) key."""
 
     url: str
     files: list[str]
     entries: dict[str, SafetensorsEntry] = field(default_factory=dict)
     file_metadata: dict[str, str] = field(default_factory=dict)
-
-
-def _split_url(path: str) -> tuple[str, str]:
-    """``(parent, name)`` of a path or URL."""
-    if "://" in path:
-        parent, name = posixpath.split(path.rstrip("/"))
-    else:
-        parent, name = os.path.split(os.path.abspath(path))
-    return parent, name
 
 
 def read_header(store: Store, rel: str) -> tuple[dict[str, SafetensorsEntry], dict[str, str]]:
@@ -151,34 +141,43 @@ def read_header(store: Store, rel: str) -> tuple[dict[str, SafetensorsEntry], di
     try:
         store.read_into(rel, [(8, n)], [memoryview(header_buf)])
         header = json.loads(bytes(header_buf))
-    except (CheckpointError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (CheckpointError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON
         raise UnsupportedFormatError(f"{where} is not a safetensors file ({e})") from None
     if not isinstance(header, dict):
         raise UnsupportedFormatError(f"{where}: safetensors header is not a JSON object")
     base = 8 + n
     entries: dict[str, SafetensorsEntry] = {}
     file_metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(file_metadata, dict):
+        raise UnsupportedFormatError(f"{where}: safetensors __metadata__ is not a JSON object")
     for name, info in header.items():
         try:
             dtype_name = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(_natural(s) for s in info["shape"])
+            begin, end = (_natural(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise UnsupportedFormatError(f"{where}: malformed header entry {name!r} ({e!r})") from None
-        dtype = SAFETENSORS_DTYPES.get(dtype_name)
+        dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
             raise UnsupportedFormatError(
                 f"{where}: tensor {name!r} has dtype {dtype_name!r}, which this torch cannot "
                 f"hold (known: {sorted(SAFETENSORS_DTYPES)})"
             )
         nbytes = math.prod(shape) * dtype.itemsize
-        if begin < 0 or end - begin != nbytes:
+        if end - begin != nbytes:
             raise UnsupportedFormatError(
                 f"{where}: tensor {name!r} of shape {list(shape)} and dtype {dtype_name} needs "
                 f"{nbytes} bytes, its data_offsets [{begin}, {end}] hold {end - begin}"
             )
         entries[name] = SafetensorsEntry(name, dtype, shape, StoredBytes(rel, base + begin, nbytes))
-    return entries, {str(k): str(v) for k, v in dict(file_metadata).items()}
+    return entries, {str(k): str(v) for k, v in file_metadata.items()}
+
+
+def _natural(value: Any) -> int:
+    """A JSON integer >= 0 (a dimension or a byte offset)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    return value
 
 
 class SafetensorsReader(IndexedReader):
@@ -195,7 +194,7 @@ class SafetensorsReader(IndexedReader):
     After a load, ``stats`` holds the bytes read and needed by this rank.
     """
 
-    index_type = _Index
+    index_type = _SafetensorsIndex
 
     def __init__(
         self,
@@ -211,21 +210,27 @@ class SafetensorsReader(IndexedReader):
         self.threads = threads
         self.storage_options = dict(storage_options)
         self.stats = ReadStats()
-        self._index: _Index | None = None
+        self._index: _SafetensorsIndex | None = None
         self._store: Store | None = None
 
     # -- locating the files -------------------------------------------------------------------
+    def _folder(self) -> tuple[Store, str | None]:
+        """The store of the folder holding the weights, and the file ``path`` names in it
+        (``None`` when ``path`` is the folder)."""
+        parent, name = split_url(self.path)
+        if name.endswith((".safetensors", ".index.json")):
+            return open_store(parent, self.storage_options), name
+        return open_store(self.path, self.storage_options), None
+
     def _locate(self) -> tuple[Store, list[str], str | None]:
         """``(store at the folder, files relative to it, index file or None)``."""
-        parent, name = _split_url(self.path)
-        if name.endswith(".index.json"):
-            return open_store(parent, self.storage_options), [], name
-        if name.endswith(".safetensors"):
-            store = open_store(parent, self.storage_options)
+        store, name = self._folder()
+        if name is not None and name.endswith(".index.json"):
+            return store, [], name
+        if name is not None:
             if not store.exists(name):
                 raise CheckpointNotFoundError(f"{self.path} does not exist")
             return store, [name], None
-        store = open_store(self.path, self.storage_options)
         listing = store.list_dir("")
         if not listing:
             what = "does not exist" if not store.exists("") else "is empty"
@@ -245,22 +250,25 @@ class SafetensorsReader(IndexedReader):
             )
         return store, files, None
 
-    def _build_index(self) -> _Index:
+    def _build_index(self) -> _SafetensorsIndex:
         store, files, index_name = self._locate()
         weight_map: dict[str, str] | None = None
         if index_name is not None:
             try:
-                raw = json.loads(store.read_bytes(index_name))
+                data = store.read_bytes(
+                    index_name, knobs.max_metadata_bytes(), limit_knob="TORCH_UCP_MAX_METADATA_BYTES"
+                )
+                raw = json.loads(data)
                 weight_map = {str(k): str(v) for k, v in raw["weight_map"].items()}
             except FileNotFoundError:
                 raise CheckpointNotFoundError(f"{store.describe(index_name)} does not exist") from None
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
+            except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
                 raise UnsupportedFormatError(
                     f"{store.describe(index_name)} is not a safetensors index (needs a "
                     f"'weight_map' object): {e!r}"
                 ) from None
             files = sorted(set(weight_map.values()))
-        index = _Index(url=self.path, files=files)
+        index = _SafetensorsIndex(url=self.path, files=files)
         origin: dict[str, str] = {}
         for rel in files:
             entries, file_metadata = read_header(store, rel)
@@ -325,10 +333,7 @@ class SafetensorsReader(IndexedReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner, **kwargs: Any) -> Future[None]:
         """Read the byte ranges each item needs, in parallel, into the planner's tensors."""
-        if self._index is None:
-            self.read_metadata()
-        index = self._index
-        assert index is not None
+        index = self._loaded_index()
         store = self._store_for(index)
         lock = threading.Lock()
         reads = []
@@ -359,129 +364,18 @@ class SafetensorsReader(IndexedReader):
         return fut
 
     # -- helpers ------------------------------------------------------------------------------
-    def _store_for(self, index: _Index) -> Store:
-        store = self._store
-        if store is None or index.url != self.path:
-            parent, name = _split_url(self.path)
-            if name.endswith((".safetensors", ".index.json")):
-                store = open_store(parent, self.storage_options)
-            else:
-                store = open_store(self.path, self.storage_options)
-            self._store = store
-        return store
-
-    def entries(self) -> dict[str, SafetensorsEntry]:
-        """Every tensor by its (prefixed) key, reading the headers on first use."""
-        if self._index is None:
-            self.read_metadata()
-        assert self._index is not None
-        return dict(self._index.entries)
+    def _store_for(self, index: _SafetensorsIndex) -> Store:
+        """The folder's store (re-opened on a rank that received the index, not the reader)."""
+        if self._store is None or index.url != self.path:
+            self._store, _ = self._folder()
+        return self._store
 
     @property
     def file_metadata(self) -> dict[str, str]:
         """The ``__metadata__`` strings of the files (first file wins on conflicts)."""
-        if self._index is None:
-            self.read_metadata()
-        assert self._index is not None
-        return dict(self._index.file_metadata)
+        return dict(self._loaded_index().file_metadata)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_store"] = None
         return state
-
-
-class SafetensorsFileWriter:
-    """Writes one safetensors file tensor by tensor, holding none of them.
-
-    The header (names, dtypes, shapes and byte offsets) is laid out up front from ``layout``,
-    so the tensors can then be streamed in that order with :meth:`write`, each released by the
-    caller once written: peak memory is one tensor plus a write buffer (the ``safetensors``
-    library's ``save_file`` needs every tensor of the file in memory at once). The header is
-    padded with spaces to a multiple of 8 bytes, as the ``safetensors`` library writes it.
-
-    Args:
-        store: where to write (local folder or any fsspec URL).
-        rel: the file name relative to ``store``.
-        layout: ``(name, dtype, shape)`` of every tensor, in file order.
-        metadata: the ``__metadata__`` strings (Hugging Face expects ``{"format": "pt"}``).
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        rel: str,
-        layout: Sequence[tuple[str, torch.dtype, Sequence[int]]],
-        metadata: dict[str, str] | None = None,
-    ) -> None:
-        self.store = store
-        self.rel = rel
-        header: dict[str, Any] = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        self._layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-        offset = 0
-        for name, dtype, shape in layout:
-            if name in header:
-                raise ValueError(f"{store.describe(rel)}: tensor name {name!r} appears twice")
-            shape = tuple(int(s) for s in shape)
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {
-                "dtype": safetensors_dtype_name(dtype),
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            self._layout.append((name, dtype, shape))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.header = struct.pack("<Q", len(raw)) + raw
-        self.nbytes = len(self.header) + offset
-        self._stream: ObjectStream | None = None
-        self._next = 0
-
-    def open(self) -> SafetensorsFileWriter:
-        self._stream = ObjectStream(self.store, self.rel)
-        self._stream.append(memoryview(self.header))
-        return self
-
-    def write(self, name: str, tensor: torch.Tensor) -> int:
-        """Append the next tensor (in layout order); returns the bytes written."""
-        if self._stream is None:
-            raise RuntimeError(f"{self.store.describe(self.rel)} is not open")
-        if self._next >= len(self._layout):
-            raise ValueError(f"{self.store.describe(self.rel)}: {name!r} is not in the layout")
-        expected, dtype, shape = self._layout[self._next]
-        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{self.store.describe(self.rel)}: expected {expected!r} {dtype} {list(shape)} "
-                f"next, got {name!r} {tensor.dtype} {list(tensor.shape)}"
-            )
-        stored = self._stream.append(tensor_bytes(tensor))
-        self._next += 1
-        return stored.byte_length
-
-    def close(self) -> None:
-        """Finish the file durably; every tensor of the layout must have been written."""
-        if self._stream is None:
-            return
-        if self._next != len(self._layout):
-            missing = [n for n, _, _ in self._layout[self._next :]]
-            self.abort()
-            raise ValueError(f"{self.store.describe(self.rel)}: never written: {missing[:5]}")
-        stream, self._stream = self._stream, None
-        stream.close()
-
-    def abort(self) -> None:
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            stream.abort()
-
-    def __enter__(self) -> SafetensorsFileWriter:
-        return self.open()
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

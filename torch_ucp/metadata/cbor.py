@@ -122,10 +122,11 @@ def dumps(value: Any, default: Callable[[Any, str], Tag] | None = None) -> bytes
 
     def enc_object(items: list[Any], depth: int) -> None:
         """Tag 27's ``[type name, arguments...]``: in error paths, the arguments are the
-        object's items (and a single map argument is the object itself)."""
+        object's items (and an ``OrderedDict``'s one map argument is the object itself)."""
         _head(out, 4, len(items))
         for i, item in enumerate(items):
-            own = i == 0 or (len(items) == 2 and type(item) is dict)
+            # Only the OrderedDict's map: a tuple of one dict is an item, at [0].
+            own = i == 0 or (len(items) == 2 and type(item) is dict and items[0] == "OrderedDict")
             if not own:
                 path.append(i - 1)
             enc(item, depth)

@@ -163,9 +163,11 @@ def placement_to_json(p: PlacementInfo) -> dict[str, Any]:
     return out
 
 
-def mesh_to_json(m: MeshInfo) -> dict[str, Any]:
+def mesh_to_json(m: MeshInfo, *, ranks: bool = True) -> dict[str, Any]:
+    """A mesh as the format stores it (docs/FORMAT.md); ``ranks=False`` leaves the rank
+    assignment out (a layout shown to people: ``torch-ucp inspect``)."""
     out: dict[str, Any] = {"shape": list(m.shape), "dim_names": list(m.dim_names) if m.dim_names else None}
-    if m.ranks is not None:
+    if ranks and m.ranks is not None:
         start = m.ranks[0] if m.ranks else 0
         contiguous = all(r == start + i for i, r in enumerate(m.ranks))
         out["ranks"] = {"start": start} if contiguous else list(m.ranks)

@@ -56,6 +56,8 @@ def tensor_to_json(t: TensorEntry) -> dict[str, Any]:
         entry["writers"] = list(t.writers)
     if t.content_hash is not None:
         entry["content_hash"] = content_hash.to_hex(t.content_hash)
+    if t.saved_as is not None:
+        entry["saved_as"] = t.saved_as
     return entry
 
 
@@ -181,6 +183,7 @@ def _from_v2(d: dict[str, Any], f: Fields) -> CheckpointMetadata:
             dim_map=f.dim_map(dim_map, where + ".dim_map", shape) if dim_map is not None else None,
             writers=f.ints(writers, where + ".writers", upper=max(world, 1)) if writers is not None else None,
             content_hash=f.hex64(t, "content_hash", where) if known_hash else None,
+            saved_as=f.get(t, "saved_as", where, str, optional=True),
         )
     values = {
         fqn: f.value(fqn, v, f.object_name(f.get(v, "object", f"value {fqn!r}", str), f"value {fqn!r}"))

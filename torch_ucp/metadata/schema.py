@@ -30,6 +30,7 @@ ITEM_ALIGNMENT = 64
 """Bytes; every fragment and value in a data object starts at a multiple of this."""
 DEFAULT_CHECKSUM = "crc32c"
 ROTATE_MIN_BYTES = 4096
+V1_CHECKSUM_BLOCK_BYTES = 1 << 20  # version-1 metadata may omit the block size: it was this
 """Replicated DTensor fragments of tensors with fewer bytes per shard are all written by replica
 0 (see :mod:`torch_ucp.metadata.routing`); larger ones rotate over the replicas."""
 
@@ -160,6 +161,8 @@ class TensorEntry:
             when derived (see :mod:`torch_ucp.metadata.routing`).
         content_hash: the layout-independent hash of the tensor's contents
             (:mod:`torch_ucp.metadata.content_hash`), or ``None`` where the save recorded none.
+        saved_as: what the saving ranks held where it was neither a DTensor nor a plain tensor:
+            ``"sharded_tensor"`` (``torch.distributed._shard``); informational, ``None`` else.
     """
 
     fqn: str
@@ -171,6 +174,7 @@ class TensorEntry:
     dim_map: DimMap | None = None
     writers: tuple[int, ...] | None = None
     content_hash: int | None = None
+    saved_as: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -264,7 +268,7 @@ class CheckpointMetadata:
     meshes: list[MeshInfo] = field(default_factory=list)
     flatten_mapping: dict[str, list[Any]] = field(default_factory=dict)
     checksum_algorithm: str = DEFAULT_CHECKSUM
-    checksum_block_bytes: int = 1 << 20
+    checksum_block_bytes: int = V1_CHECKSUM_BLOCK_BYTES
     checksum_block_width: int | None = None
     patterns: list[dict[str, Any]] = field(default_factory=list)
     rotate_min_bytes: int = ROTATE_MIN_BYTES

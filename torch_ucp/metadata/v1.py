@@ -14,19 +14,14 @@ import numpy as np
 
 from torch_ucp.metadata.fields import Fields
 from torch_ucp.metadata.fragments import FragmentRows
-from torch_ucp.metadata.schema import CheckpointMetadata, MeshInfo, TensorEntry
+from torch_ucp.metadata.schema import V1_CHECKSUM_BLOCK_BYTES, CheckpointMetadata, TensorEntry
 
 
 def metadata_from_v1(d: dict[str, Any], source: str) -> tuple[CheckpointMetadata, FragmentRows]:
     f = Fields(source)
     names = [f.object_name(n, "data_objects") for n in f.get(d, "data_objects", "data_objects", list)]
-    meshes = [
-        MeshInfo(
-            f.ints(f.get(m, "shape", f"meshes[{i}]", list), f"meshes[{i}].shape", upper=2**31),
-            tuple(m["dim_names"]) if isinstance(m, dict) and m.get("dim_names") else None,
-        )
-        for i, m in enumerate(f.get(d, "meshes", "meshes", list))
-    ]
+    # version 1 recorded no rank tables: its meshes have ranks=None
+    meshes = [f.mesh(m, f"meshes[{i}]") for i, m in enumerate(f.get(d, "meshes", "meshes", list))]
     tensors: dict[str, TensorEntry] = {}
     tensor_col: list[int] = []
     offsets: list[tuple[int, ...]] = []
@@ -100,7 +95,7 @@ def metadata_from_v1(d: dict[str, Any], source: str) -> tuple[CheckpointMetadata
         meshes=meshes,
         flatten_mapping=f.flatten_mapping(d.get("flatten_mapping", {})),
         checksum_algorithm=f.get(checksum, "algorithm", "checksum", str),
-        checksum_block_bytes=f.count(checksum, "block_bytes", "checksum") or 1 << 20,
+        checksum_block_bytes=f.count(checksum, "block_bytes", "checksum") or V1_CHECKSUM_BLOCK_BYTES,
         patterns=f.get(d, "patterns", "patterns", list, optional=True) or [],
         torch_version=f.get(d, "torch_version", "torch_version", str, optional=True) or "",
         created=float(f.get(d, "created", "created", (int, float), optional=True) or 0.0),

@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 from torch_ucp import _compat
 from torch_ucp.errors import CorruptCheckpointError, LoadPlanError
 from torch_ucp.metadata.catalog import FragmentCatalog
+from torch_ucp.metadata.dtypes import convertible
 from torch_ucp.metadata.placements import Box
 from torch_ucp.metadata.provenance import SaveInfo
 from torch_ucp.metadata.tiling import tiling_problem
@@ -39,6 +40,7 @@ from torch_ucp.patterns.engine import (
 )
 from torch_ucp.patterns.fused import FusedParam
 from torch_ucp.patterns.rename import Rename
+from torch_ucp.planner import sharded_tensor
 from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.planner.global_plan import ChunkList
 from torch_ucp.planner.layout import narrow, tensor_boxes
@@ -92,6 +94,21 @@ class _Saved:
         return out
 
 
+class _Unloadable(Exception):
+    """A target the checkpoint holds in a form it cannot take; the message names it."""
+
+
+@dataclass
+class _TargetPlans:
+    """The targets of one load planned: their reads (and box requests), the targets the
+    checkpoint lacks, the problems of those it cannot fill, and the saved keys they use."""
+
+    items: list[Any] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    used: set[str] = field(default_factory=set)
+
+
 @dataclass
 class _BoxRequest:
     """Read the stored box ``offsets``/``lengths`` of ``saved`` into target ``fqn`` at
@@ -104,6 +121,7 @@ class _BoxRequest:
     lengths: tuple[int, ...]
     dest: tuple[int, ...]
     src_to_dest: list[int | None]
+    shard: tuple[int, ...] | None = None  # a ShardedTensor target: its local shard's offsets
 
 
 def _box_requests(
@@ -113,11 +131,12 @@ def _box_requests(
     lengths: tuple[int, ...],
     saved: _Saved,
     src_to_dest: list[int | None],
+    shard: tuple[int, ...] | None = None,
 ) -> list[_BoxRequest]:
     """The stored boxes behind the logical source box ``src_offsets``/``lengths`` of
     ``saved`` (more than one where a saved pattern interleaves or pads the stored tensor)."""
     if saved.dmap is None:
-        return [_BoxRequest(target_fqn, saved, src_offsets, lengths, dest_offsets, src_to_dest)]
+        return [_BoxRequest(target_fqn, saved, src_offsets, lengths, dest_offsets, src_to_dest, shard)]
     d = saved.dmap.dim
     out = []
     for stored, n, logical in saved.dmap.to_physical(src_offsets[d], lengths[d]):
@@ -133,6 +152,7 @@ def _box_requests(
                 lengths[:d] + (n,) + lengths[d + 1 :],
                 tuple(dest),
                 src_to_dest,
+                shard,
             )
         )
     return out
@@ -155,7 +175,7 @@ def _read_items(request: _BoxRequest) -> list[ReadItem]:
         items.append(
             ReadItem(
                 type=LoadItemType.TENSOR,
-                dest_index=MetadataIndex(request.fqn),
+                dest_index=MetadataIndex(request.fqn, request.shard),
                 dest_offsets=torch.Size(dest_at),
                 storage_index=MetadataIndex(request.saved.key, chunk_offsets, row),
                 storage_offsets=torch.Size(o - c for o, c in zip(hit_off, chunk_offsets)),
@@ -247,7 +267,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         is_coordinator: bool = False,
     ) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
-        self._views: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple[str, torch.Size | None], torch.Tensor] = {}
         self._stack_dims: dict[str, int] = {}
 
     # -- planning -------------------------------------------------------------------------
@@ -291,13 +311,13 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             else:  # rules the caller did not write for this target: applied where they match
                 target_set = PatternSet(_default_target_patterns(recorded, self.saved_patterns), strict=False)
             saved_set = PatternSet(self.saved_patterns)
-            items, problems, used = self._plan(target_set, saved_set)
+            planned = self._plan(target_set, saved_set)
             target_set.check_used("the target state dict")
             saved_set.check_used(str(checkpoint))
         except PatternError as e:
             raise LoadPlanError(f"cannot load {checkpoint}: {e}") from None
-        missing = [fqn for fqn, reason in problems if reason == "missing" and not self._may_miss(fqn)]
-        problems = [reason for _, reason in problems if reason != "missing"]
+        items, problems, used = planned.items, planned.problems, planned.used
+        missing = [fqn for fqn in planned.missing if not self._may_miss(fqn)]
         if missing:
             problems.insert(0, (
                 f"missing from {checkpoint}: {_listing(missing)} (pass allow_missing=True, or "
@@ -329,59 +349,89 @@ class UCPLoadPlanner(DefaultLoadPlanner):
             return dataclasses.replace(new_plan, items=list(self.plan.items))
         return new_plan
 
-    def _plan(
-        self, target_set: PatternSet, saved_set: PatternSet
-    ) -> tuple[list[ReadItem], list[tuple[str, str]], set[str]]:
+    def _plan(self, target_set: PatternSet, saved_set: PatternSet) -> _TargetPlans:
         saved = self._saved_index(saved_set)
-        items: list[ReadItem] = []
-        problems: list[tuple[str, str]] = []
-        used: set[str] = set()
+        planned = _TargetPlans()
         for fqn, target in self.state_dict.items():
-            name = target_set.rename(fqn)
-            target_set.note_stacked(name)
-            if isinstance(saved.get(name), str):  # a non-tensor value
-                if isinstance(target, torch.Tensor):
-                    problems.append((fqn, f"{fqn}: saved as a non-tensor value, target is a tensor"))
-                    continue
-                used.add(saved[name])
-                items.append(_bytes_read(fqn, saved[name]))
-                continue
-            if name in saved and not isinstance(target, torch.Tensor):
-                problems.append((fqn, (
-                    f"{fqn}: saved as a tensor of shape {tuple(saved[name].md.size)}, target is "
-                    f"{type(target).__name__}"
-                )))
-                continue
-            if not isinstance(target, torch.Tensor):
-                problems.append((fqn, "missing"))
-                continue
-            dmap = dim_map_for(target_set.dim_pattern(name), fqn, target, target.shape)
-            shape = logical_shape(target.shape, dmap)
-            boxes: list[Box] = []
-            for physical in tensor_boxes(fqn, target):
-                logical, padding = map_box(physical, dmap)
-                boxes.extend(logical)
-                self._zero_padding(fqn, target, physical, padding, dmap)
-            source = saved.get(name)
-            if source is not None:
-                if source.logical_shape != shape:
-                    problems.append((fqn, (
-                        f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}"
-                    )))
-                    continue
-                used.add(source.key)
-                ident = list(range(len(shape)))
-                for b in boxes:
-                    items.extend(_box_requests(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
-                continue
-            stacked = self._plan_stacked(fqn, name, shape, boxes, target_set, saved, used)
-            if stacked is None:
-                problems.append((fqn, "missing"))
-            elif isinstance(stacked, str):
-                problems.append((fqn, stacked))
-            else:
-                items.extend(stacked)
-        return items, problems, used
+            try:
+                self._plan_target(fqn, target, target_set, saved, planned)
+            except _Unloadable as e:
+                planned.problems.append(str(e))
+        return planned
+
+    def _plan_target(
+        self, fqn: str, target: Any, target_set: PatternSet, saved: dict[str, _Saved | str],
+        planned: _TargetPlans,
+    ) -> None:
+        """Add the reads of one target to ``planned`` (or note it missing); raises
+        :class:`_Unloadable` when the checkpoint holds it in a form it cannot take."""
+        items, used = planned.items, planned.used
+        name = target_set.rename(fqn)
+        target_set.note_stacked(name)
+        if isinstance(saved.get(name), str):  # a non-tensor value
+            if isinstance(target, torch.Tensor):
+                raise _Unloadable(f"{fqn}: saved as a non-tensor value, target is a tensor")
+            used.add(saved[name])
+            items.append(_bytes_read(fqn, saved[name]))
+            return
+        if name in saved and not isinstance(target, torch.Tensor):
+            raise _Unloadable(
+                f"{fqn}: saved as a tensor of shape {tuple(saved[name].md.size)}, target is "
+                f"{type(target).__name__}"
+            )
+        if not isinstance(target, torch.Tensor):
+            planned.missing.append(fqn)
+            return
+        source = saved.get(name)
+        if source is not None and not convertible(source.md.properties.dtype, _dtype(target)):
+            raise _Unloadable(
+                f"{fqn}: saved as {source.md.properties.dtype}, target is {_dtype(target)}: "
+                "torch cannot convert between them (packed and bits dtypes load only as themselves)"
+            )
+        if sharded_tensor.is_sharded_tensor(target):
+            if source is None:
+                planned.missing.append(fqn)
+                return
+            self._plan_sharded_tensor(fqn, name, target, source, target_set, items)
+            used.add(source.key)
+            return
+        dmap = dim_map_for(target_set.dim_pattern(name), fqn, target, target.shape)
+        shape = logical_shape(target.shape, dmap)
+        boxes: list[Box] = []
+        for physical in tensor_boxes(fqn, target):
+            logical, padding = map_box(physical, dmap)
+            boxes.extend(logical)
+            self._zero_padding(fqn, target, physical, padding, dmap)
+        if source is not None:
+            if source.logical_shape != shape:
+                raise _Unloadable(f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}")
+            used.add(source.key)
+            ident = list(range(len(shape)))
+            for b in boxes:
+                items.extend(_box_requests(fqn, b.local_offsets, b.global_offsets, b.lengths, source, ident))
+            return
+        stacked = self._plan_stacked(fqn, name, shape, boxes, target_set, saved, used)
+        if stacked is None:
+            planned.missing.append(fqn)
+        else:
+            items.extend(stacked)
+
+    @staticmethod
+    def _plan_sharded_tensor(
+        fqn: str, name: str, target: Any, source: _Saved, target_set: PatternSet, items: list
+    ) -> None:
+        """Requests filling every local shard of a ShardedTensor target from the saved tensor
+        (each shard is an exact box)."""
+        if target_set.dim_pattern(name) is not None or target_set.stacked(name) is not None:
+            raise _Unloadable(f"{fqn}: layout patterns do not apply to ShardedTensor targets")
+        shape = tuple(target.size())
+        if source.logical_shape != shape:
+            raise _Unloadable(f"{fqn}: shape mismatch: saved {source.logical_shape}, expected {shape}")
+        ident = list(range(len(shape)))
+        for box, _ in sharded_tensor.local_shards(fqn, target, loading=True):
+            items.extend(_box_requests(
+                fqn, box.local_offsets, box.global_offsets, box.lengths, source, ident, box.global_offsets
+            ))
 
     def _plan_stacked(
         self,
@@ -392,9 +442,10 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         target_set: PatternSet,
         saved: dict[str, _Saved | str],
         used: set[str],
-    ) -> list[ReadItem] | str | None:
+    ) -> list[ReadItem] | None:
         """Reads for a per-item target from a saved stack, or a stacked target from saved
-        items; ``None`` if no stacked pattern connects them, a message if shapes disagree."""
+        items; ``None`` if no stacked pattern connects them (:class:`_Unloadable` if shapes
+        disagree)."""
         hit = target_set.stacked_item(name)
         if hit is not None and isinstance(saved.get(hit[1]), _Saved):  # per-item target, stacked source
             p, stacked_key, i = hit
@@ -404,7 +455,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
                 return self._plan_scalar(fqn, shape, boxes, source, used, p, target_set)
             expected = source.logical_shape[:d] + source.logical_shape[d + 1 :]
             if expected != shape or i >= source.logical_shape[d]:
-                return f"{fqn}: item {i} of {source.key} {source.logical_shape} does not fit {shape}"
+                raise _Unloadable(f"{fqn}: item {i} of {source.key} {source.logical_shape} does not fit {shape}")
             target_set.mark_used(p)
             used.add(source.key)
             self._stack_dims[fqn] = d
@@ -435,7 +486,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         for i, source in enumerate(sources):
             if not isinstance(source, _Saved) or source.logical_shape != item_shape:
                 got = source.logical_shape if isinstance(source, _Saved) else None
-                return f"{fqn}: item {p.item_key(name, i)} is {got}, expected {item_shape}"
+                raise _Unloadable(f"{fqn}: item {p.item_key(name, i)} is {got}, expected {item_shape}")
         target_set.mark_used(p)
         used.update(s.key for s in sources)  # the stacked target consumes every item, held here or not
         self._stack_dims[fqn] = d
@@ -452,10 +503,10 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         return items
 
     @staticmethod
-    def _plan_scalar(fqn, shape, boxes, source: _Saved, used, p, target_set) -> list[ReadItem] | str:
+    def _plan_scalar(fqn, shape, boxes, source: _Saved, used, p, target_set) -> list[ReadItem]:
         """Reads of a state with no stack dim (an optimizer ``step``) across the two forms."""
         if source.logical_shape != shape:
-            return f"{fqn}: {source.key} is {source.logical_shape}, expected {shape}"
+            raise _Unloadable(f"{fqn}: {source.key} is {source.logical_shape}, expected {shape}")
         target_set.mark_used(p)
         used.add(source.key)
         ident = list(range(len(shape)))
@@ -476,10 +527,12 @@ class UCPLoadPlanner(DefaultLoadPlanner):
 
     # -- data -----------------------------------------------------------------------------
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        fqn = read_item.dest_index.fqn
-        view = self._views.get(fqn)
+        fqn, shard = read_item.dest_index.fqn, read_item.dest_index.offset
+        view = self._views.get((fqn, shard))
         if view is None:
-            view = self._views[fqn] = _compat.local_tensor(self.state_dict[fqn]).detach()
+            target = self.state_dict[fqn]
+            local = sharded_tensor.shard_data(target, shard) if shard is not None else _compat.local_tensor(target)
+            view = self._views[(fqn, shard)] = local.detach()
         lengths = tuple(read_item.lengths)
         if len(read_item.dest_offsets) == len(lengths):
             return narrow(view, read_item.dest_offsets, lengths)
@@ -523,6 +576,10 @@ def _default_target_patterns(recorded: list[Any], saved_patterns: list[Any] | No
             p = FusedParam(p.glob, p.parts, dim=p.dim, mesh_dim=p.mesh_dim)
         out.append(p)
     return out
+
+
+def _dtype(target: torch.Tensor) -> torch.dtype:
+    return sharded_tensor.dtype_of(target) if sharded_tensor.is_sharded_tensor(target) else target.dtype
 
 
 def _bytes_read(fqn: str, key: str) -> ReadItem:

@@ -36,6 +36,7 @@ from torch_ucp.metadata.fields import mesh_to_json, placement_to_json
 from torch_ucp.metadata.schema import DimMap, MeshInfo, PlacementInfo
 
 TENSOR = "t"
+SHARDED = "s"  # a tensor saved from ShardedTensors
 BYTES = "b"
 
 
@@ -151,17 +152,21 @@ class LocalTableBuilder:
         layout: int,
         path: Sequence[Any] | None,
         dim_map: DimMap | None = None,
+        kind: str = TENSOR,
     ) -> None:
         """Name a tensor in the catalog, in state-dict order, even if this rank holds none of it
-        (so ranks of one layout send identical catalogs)."""
+        (so ranks of one layout send identical catalogs); ``kind``: :data:`TENSOR` or
+        :data:`SHARDED`."""
         if name not in self._key_index:
             self._key_index[name] = len(self.keys)
             dmap = None
             if dim_map is not None:
                 dmap = [dim_map.dim, dim_map.physical_size, [[s.physical, s.logical, s.length] for s in dim_map.segments]]
-            self.keys.append(
-                [name, TENSOR, dtype_to_name(dtype), list(shape), layout, list(path) if path else None, dmap]
-            )
+            try:
+                dtype_name = dtype_to_name(dtype)
+            except ValueError as e:
+                raise SavePlanError(f"{name}: cannot save: {e}") from None
+            self.keys.append([name, kind, dtype_name, list(shape), layout, list(path) if path else None, dmap])
 
     def build(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -32,10 +33,12 @@ from torch_ucp.metadata.placements import mesh_info, whole_box
 from torch_ucp.metadata.provenance import PlannerData
 from torch_ucp.metadata.schema import DimMap, SaveLayout, TensorEntry
 from torch_ucp.patterns.engine import PatternSet, dim_map_for, logical_shape, map_box
+from torch_ucp.planner import sharded_tensor
 from torch_ucp.planner.global_plan import GlobalPlan, StateDictMetadata, plan_globally
 from torch_ucp.planner.layout import Box, dtensor_boxes, narrow, placements_of
 from torch_ucp.planner.plan_table import (
     BYTES,
+    SHARDED,
     LocalPlanTable,
     LocalTableBuilder,
     RankLocalItems,
@@ -84,6 +87,7 @@ class UCPSavePlanner(DefaultSavePlanner):
     ) -> None:
         super().set_up_planner(state_dict, storage_meta, is_coordinator)
         self._boxes = {}
+        self._shard_data: dict[MetadataIndex, torch.Tensor] = {}  # ShardedTensor local shards
         self._names: dict[str, str] = {}
         self._local_of: dict[str, str] = {}
 
@@ -107,20 +111,42 @@ class UCPSavePlanner(DefaultSavePlanner):
         dmap = dim_map_for(self.patterns.dim_pattern(name), name, obj, obj.shape)
         size = torch.Size(logical_shape(obj.shape, dmap))
         props = TensorProperties(dtype=obj.dtype)
-        items = []
-        for physical in boxes:
-            for box in map_box(physical, dmap)[0]:
-                index = MetadataIndex(name, box.global_offsets)
-                self._boxes[index] = (fqn, box)
-                chunk = ChunkStorageMetadata(torch.Size(box.global_offsets), torch.Size(box.lengths))
-                items.append(
-                    WriteItem(
-                        index=index,
-                        type=kind,
-                        tensor_data=TensorWriteData(chunk=chunk, properties=props, size=size),
-                    )
-                )
+        items = [
+            self._write_item(fqn, name, box, kind, props, size)
+            for physical in boxes
+            for box in map_box(physical, dmap)[0]
+        ]
         return size, dmap, items
+
+    def _write_item(
+        self, fqn: str, name: str, box: Box, kind: WriteItemType, props: TensorProperties, size: torch.Size
+    ) -> WriteItem:
+        """The write item of one exact box of tensor ``fqn`` (stored as ``name``)."""
+        index = MetadataIndex(name, box.global_offsets)
+        self._boxes[index] = (fqn, box)
+        chunk = ChunkStorageMetadata(torch.Size(box.global_offsets), torch.Size(box.lengths))
+        return WriteItem(index=index, type=kind, tensor_data=TensorWriteData(chunk=chunk, properties=props, size=size))
+
+    def _sharded_tensor_items(self, fqn: str, name: str, st: Any, table: LocalTableBuilder) -> list[WriteItem]:
+        """A ShardedTensor's write items (one per local shard) and its catalog entry, with the
+        layout where a 1-D mesh describes it (:mod:`~torch_ucp.planner.sharded_tensor`)."""
+        if self.patterns.dim_pattern(name) is not None:
+            raise PatternError(f"{fqn}: layout patterns do not apply to ShardedTensors")
+        layout = -1
+        found = sharded_tensor.chunk_layout(st)
+        if found is not None:
+            layout = table.add_layout(found.mesh, found.placements, found.coordinate)
+        size, dtype = torch.Size(st.size()), sharded_tensor.dtype_of(st)
+        table.add_tensor(name, dtype, size, layout, self.mappings.get(fqn), kind=SHARDED)
+        props = TensorProperties(dtype=dtype)
+        items = []
+        for box, data in sharded_tensor.local_shards(fqn, st):
+            items.append(self._write_item(fqn, name, box, WriteItemType.SHARD, props, size))
+            self._shard_data[items[-1].index] = data
+        if math.prod(size) == 0:  # an empty tensor is recorded once, like a plain one
+            items.append(self._write_item(fqn, name, whole_box(size), WriteItemType.SHARD, props, size))
+            self._shard_data[items[-1].index] = torch.empty(size, dtype=dtype)
+        return items
 
     def create_local_plan(self) -> SavePlan:
         items: list[WriteItem] = []
@@ -135,7 +161,9 @@ class UCPSavePlanner(DefaultSavePlanner):
         for fqn, obj in self.state_dict.items():
             name = names[fqn]
             self.patterns.note_stacked(name)
-            if isinstance(obj, DTensor) or (
+            if sharded_tensor.is_sharded_tensor(obj):
+                items.extend(self._sharded_tensor_items(fqn, name, obj, table))
+            elif isinstance(obj, DTensor) or (
                 isinstance(obj, torch.Tensor) and not hasattr(obj, "__create_write_items__")
             ):
                 layout = -1
@@ -147,7 +175,7 @@ class UCPSavePlanner(DefaultSavePlanner):
                 table.add_tensor(name, obj.dtype, size, layout, self.mappings.get(fqn), dmap)
                 items.extend(tensor_items)
             elif isinstance(obj, torch.Tensor) or hasattr(obj, "__create_write_items__"):
-                items.extend(_compat.create_write_items(fqn, obj))  # ShardedTensor and friends
+                items.extend(_compat.create_write_items(fqn, obj))  # other checkpointable tensors
             else:
                 items.append(_compat.create_write_item_for_bytes(name, obj))
         self.patterns.check_used("the state dict being saved")
@@ -194,6 +222,9 @@ class UCPSavePlanner(DefaultSavePlanner):
             if write_item.type == WriteItemType.BYTE_IO:
                 return self.transform_object(write_item, self.resolve_value(write_item))
             return super().resolve_data(write_item)
+        shard = self._shard_data.get(write_item.index)
+        if shard is not None:
+            return shard.detach()
         fqn, box = found
         t = _compat.local_tensor(self.state_dict[fqn]).detach()
         return narrow(t, box.local_offsets, box.lengths)
@@ -240,5 +271,6 @@ def save_layout(planned: GlobalPlan, patterns: list[Any]) -> SaveLayout:
             placements=placements,
             dim_map=key.dim_map,
             writers=None if key.derived else tuple(planned.key_writers(k).tolist()),
+            saved_as=sharded_tensor.SAVED_AS if key.kind == SHARDED else None,
         )
     return layout

@@ -122,8 +122,8 @@ class CheckpointBuilder:
             commit.begin(self.store, self.save_id, overwrite=overwrite)
         except CheckpointExistsError:
             raise CheckpointExistsError(
-                f"{self.store.url} already holds a committed checkpoint; pass "
-                "CheckpointBuilder(..., overwrite=True) to replace it"
+                f"{commit.EXISTS}: {self.store.url} already holds a committed checkpoint and "
+                "overwrite is off; pass CheckpointBuilder(..., overwrite=True) to replace it"
             ) from None
         self.folder = f"{DATA_PREFIX}{self.save_id}"
         self.bytes_written = 0

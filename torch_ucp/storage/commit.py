@@ -81,6 +81,8 @@ MARKER = ".torch_ucp_save"
 PENDING = ".metadata.pending"
 LOCK_FILE = ".torch_ucp.lock"
 INCOMING = ".incoming"  # suffix of a local folder being created with its marker
+EXISTS = "Checkpoint already exists"
+"""How every overwrite refusal starts: stock DCP's words (``FileSystemWriter``), then ours."""
 S3_SAVE_ID_KEY = "torch-ucp-save-id"  # user metadata of the committed metadata object
 # what a folder of data written before markers existed may hold, to be recognised as ours
 _OWN_OBJECT = re.compile(r"\d{5}-\d+\.bin|\d{5}\.idx|" + re.escape(MARKER) + "|" + re.escape(PENDING))
@@ -226,8 +228,8 @@ def begin(store: Store, save_id: str, *, overwrite: bool) -> Committed | None:
     base = current(store)
     if base is not None and not overwrite:
         raise CheckpointExistsError(
-            f"{store.url} already holds a committed checkpoint; pass UCPWriter(..., "
-            "overwrite=True) to replace it"
+            f"{EXISTS}: {store.url} already holds a committed checkpoint and overwrite is off; "
+            "pass UCPWriter(..., overwrite=True) to replace it"
         )
     if base is None or base.save_id is not None:
         remove_stale(store, base.save_id if base is not None else None)
@@ -297,7 +299,7 @@ def _conflict(store: Store, save_id: str, found: Committed, overwrite: bool) -> 
     other = f" (save {found.save_id})" if found.save_id else ""
     if not overwrite:
         return CheckpointExistsError(
-            f"cannot commit save {save_id} at {store.url}: a checkpoint{other} was committed "
+            f"{EXISTS}: cannot commit save {save_id} at {store.url}: a checkpoint{other} was committed "
             "there while this save ran, and overwrite is off; nothing of this save was committed"
         )
     return CommitConflictError(

@@ -7,6 +7,7 @@ import io
 import os
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future as Pending
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from torch_ucp.metadata.dcp import CatalogStateDict, catalog_metadata
 from torch_ucp.metadata.header import decode_metadata
 from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
 from torch_ucp.metadata.values import decode_value
+from torch_ucp.storage import stock_options
 from torch_ucp.storage.content_check import (
     LoadedContent,
     VerifyPlan,
@@ -50,6 +52,11 @@ from torch_ucp.storage.sharing import (
 )
 from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.transfer_log import log_load
+
+
+def new_load_id() -> str:
+    """A load's id (a random UUID, like stock readers' ``load_id``)."""
+    return str(uuid.uuid4())
 
 
 def _read_header(store: Store) -> bytes:
@@ -188,7 +195,9 @@ class UCPReader(StorageReader):
         **storage_options: passed to fsspec.
 
     After a load, ``stats`` holds the bytes read and needed by this rank, and
-    ``transfer_stats`` the bytes of shared reads it sent and received.
+    ``transfer_stats`` the bytes of shared reads it sent and received. ``load_id`` identifies
+    the load (a new one on every ``reset``), as with stock readers; ``read_metadata`` puts it in
+    ``Metadata.storage_meta.load_id`` beside the checkpoint's ``save_id``.
     """
 
     def __init__(
@@ -212,6 +221,7 @@ class UCPReader(StorageReader):
             raise TypeError(f"UCPReader: verify_load must be True or False, got {verify_load!r}")
         self.verify_load = verify_load
         self.process_group = process_group
+        stock_options.check_reader_options(storage_options)
         self.storage_options = storage_options
         self.follow_symlinks = bool(follow_symlinks)
         self.store = self._store(url) if url is not None else None
@@ -222,6 +232,7 @@ class UCPReader(StorageReader):
         self.transfer_stats = TransferStats()
         self._stats_lock = threading.Lock()
         self._catalog: FragmentCatalog | None = None
+        self.load_id = new_load_id()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -247,6 +258,7 @@ class UCPReader(StorageReader):
         self._catalog = None
         self.stats = ReadStats()
         self.transfer_stats = TransferStats()
+        self.load_id = new_load_id()
 
     def catalog(self) -> FragmentCatalog:
         """The checkpoint's catalog (header read once per reader; indexes as needed)."""
@@ -263,7 +275,9 @@ class UCPReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         catalog = self.catalog()
         assert self.store is not None
-        return catalog_metadata(catalog, self.store.url)
+        metadata = catalog_metadata(catalog, self.store.url)
+        metadata.storage_meta.load_id = self.load_id  # as stock readers set it
+        return metadata
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any

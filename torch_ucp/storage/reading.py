@@ -29,7 +29,12 @@ import torch
 from torch_ucp import knobs
 from torch_ucp.errors import CorruptCheckpointError
 from torch_ucp.metadata.checksums import BlockGrid, checksum_function
-from torch_ucp.metadata.schema import CheckpointMetadata, StoredBytes
+from torch_ucp.metadata.schema import (
+    DEFAULT_CHECKSUM,
+    V1_CHECKSUM_BLOCK_BYTES,
+    CheckpointMetadata,
+    StoredBytes,
+)
 from torch_ucp.storage.ranges import block_aligned_bounds, c_strides, plan_box_ranges
 from torch_ucp.storage.store import Store
 
@@ -222,8 +227,8 @@ class FragmentReader:
         store: Store,
         *,
         verify: bool | str = True,
-        checksum_algorithm: str = "crc32",
-        block_bytes: int = 1 << 20,
+        checksum_algorithm: str = DEFAULT_CHECKSUM,
+        block_bytes: int = V1_CHECKSUM_BLOCK_BYTES,
         block_width: int | None = None,
         threads: int | None = None,
         waste_ratio: float | None = None,

@@ -107,11 +107,17 @@ def is_transient(exc: BaseException) -> bool:
     for e in _causes(exc):
         if isinstance(e, (FileNotFoundError, PermissionError, CheckpointError)):
             return False
+        code = _response_code(e)
+        if code is not None:
+            # The store answered and its code decides: botocore's ClientError shares its name
+            # with aiohttp's, and the name test below would make NoSuchKey or InvalidArgument
+            # (what s3fs leaves untranslated, as the cause of an OSError EIO) transient.
+            return code in _TRANSIENT_CODES
         if isinstance(e, (TimeoutError, ConnectionError)):
             return True
+        if isinstance(e, socket.gaierror) and e.errno == socket.EAI_AGAIN:
+            return True  # a temporary DNS failure (is_unreachable lets it through)
         if any(t.__name__ in _TRANSIENT_NAMES for t in type(e).__mro__):
-            return True
-        if _response_code(e) in _TRANSIENT_CODES:
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True

@@ -32,6 +32,7 @@ import fsspec
 
 from torch_ucp import knobs
 from torch_ucp.errors import CorruptCheckpointError
+from torch_ucp.storage.urls import is_local_url
 
 T = TypeVar("T")
 
@@ -253,8 +254,7 @@ def open_store(
     from torch_ucp.storage.local_store import LocalStore
 
     text = os.fspath(url)
-    protocol = fsspec.core.split_protocol(text)[0] if isinstance(text, str) and "::" not in text else "chained"
-    kind = LocalStore if protocol in (None, "file", "local") else FsspecStore
+    kind = LocalStore if isinstance(text, str) and is_local_url(text) else FsspecStore
     return kind(url, storage_options, follow_symlinks=follow_symlinks)
 
 

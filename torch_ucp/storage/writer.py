@@ -47,7 +47,7 @@ from torch_ucp.metadata.schema import (
     index_object_name,
 )
 from torch_ucp.metadata.values import TORCH_SAVE, encode_value
-from torch_ucp.storage import commit
+from torch_ucp.storage import commit, stock_options
 from torch_ucp.storage.commit import new_save_id
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.protocols import ValueSavePlanner
@@ -144,7 +144,9 @@ class UCPWriter(StorageWriter):
         content_hash: record each tensor's layout-independent content hash in the header
             (:mod:`torch_ucp.metadata.content_hash`; checked by ``verify_load=True`` and
             ``torch-ucp verify --logical``). Default on (``TORCH_UCP_CONTENT_HASH``).
-        **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ``anon=`` ...).
+        **storage_options: passed to fsspec (``endpoint_url=``, ``key=``, ``anon=`` ...), except
+            stock ``FileSystemWriter`` options (``thread_count``, ``sync_files`` ...), which are
+            honoured or refused with what to use instead (:mod:`~torch_ucp.storage.stock_options`).
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class UCPWriter(StorageWriter):
         **storage_options: Any,
     ) -> None:
         super().__init__()
+        threads = stock_options.writer_threads(storage_options, threads)
         _check_flag("overwrite", overwrite)
         _check_flag("allow_pickle", allow_pickle)
         content_hash = knobs.content_hash() if content_hash is None else content_hash

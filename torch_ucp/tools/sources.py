@@ -19,8 +19,11 @@ dtype and shape (plus fragment/chunk counts and the saved mesh and placements wh
 records them), and ``read_tensor`` / ``read_value`` that materialise ONE whole tensor or value,
 so a caller streaming key by key holds one tensor at a time.
 
-Every failure is raised as a :class:`~torch_ucp.errors.CheckpointError` with a one-line message
-naming the URL (and the key), whatever the underlying reader raised.
+Errors: a problem with the checkpoint is a :class:`~torch_ucp.errors.CheckpointError` naming the
+URL (and the key), raised by torch_ucp's own readers; what stock DCP's ``FileSystemReader`` /
+``FsspecReader`` raise (``torch.load``, pickle and fsspec errors) is turned into one at that
+boundary. A failure of the storage itself (permission denied, an unreachable endpoint) is raised
+as the storage raised it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.storage import StorageReader
 
+from torch_ucp import _compat
 from torch_ucp.checkpoint import Checkpoint
 from torch_ucp.errors import (
     CheckpointError,
@@ -57,6 +61,7 @@ from torch_ucp.metadata.schema import METADATA_FILE, MeshInfo, PlacementInfo
 from torch_ucp.planner.load_planner import UCPLoadPlanner
 from torch_ucp.storage.reader import open_catalog
 from torch_ucp.storage.store import open_store
+from torch_ucp.storage.urls import is_local_url, local_path
 
 __all__ = [
     "FORMATS",
@@ -86,6 +91,8 @@ class TensorInfo:
         mesh / placements: the DeviceMesh and DTensor placements it was saved from, where the
             checkpoint records them (torch_ucp; stock DCP saved with ``UCPSavePlanner``).
         path: the key's path in the nested state dict (DCP's flatten mapping), if recorded.
+        saved_as: what the saving ranks held, where the checkpoint says and it was neither a
+            DTensor nor a plain tensor (``"sharded_tensor"``).
     """
 
     fqn: str
@@ -95,6 +102,7 @@ class TensorInfo:
     mesh: MeshInfo | None = None
     placements: tuple[PlacementInfo, ...] | None = None
     path: tuple[Any, ...] | None = None
+    saved_as: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -111,23 +119,23 @@ class ValueInfo:
     path: tuple[Any, ...] | None = None
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 @contextlib.contextmanager
-def _errors(what: str, kind: type[CheckpointError] = CheckpointError) -> Iterator[None]:
-    """Re-raise anything but a CheckpointError as ``kind`` with a one-line message."""
+def _stock_dcp_errors(what: str, kind: type[CheckpointError]) -> Iterator[None]:
+    """Stock DCP's readers raise whatever ``torch.load``, pickle or fsspec raise: re-raise it as
+    ``kind`` (a missing file as :class:`CheckpointNotFoundError`) naming ``what``; torch_ucp's
+    own errors (the load planner's) pass through."""
     try:
         yield
-    except CheckpointError as e:
-        if "\n" in str(e):
-            raise type(e)(_one_line(e)) from e
+    except CheckpointError:
         raise
     except FileNotFoundError as e:
         raise CheckpointNotFoundError(_one_line(f"{what}: {e}")) from e
     except Exception as e:  # noqa: BLE001 - the message names the reader's error
         raise kind(_one_line(f"{what}: {type(e).__name__}: {e}")) from e
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 class CheckpointSource:
@@ -217,6 +225,7 @@ class UCPSource(CheckpointSource):
                 meta.meshes[t.mesh] if t.mesh is not None and t.mesh < len(meta.meshes) else None,
                 t.placements,
                 tuple(mapping[fqn]) if fqn in mapping else None,
+                t.saved_as,
             )
         for fqn, o in meta.values.items():
             self.values[fqn] = ValueInfo(
@@ -225,14 +234,12 @@ class UCPSource(CheckpointSource):
 
     def read_tensor(self, fqn: str) -> torch.Tensor:
         self._tensor_info(fqn)
-        with _errors(f"cannot read {fqn!r} from {self.url}", CorruptCheckpointError):
-            return self.checkpoint.read(fqn)
+        return self.checkpoint.read(fqn)
 
     def read_value(self, fqn: str) -> Any:
         if fqn not in self.values:
             raise CheckpointError(f"{fqn!r} is not a non-tensor value of {self.url}")
-        with _errors(f"cannot read value {fqn!r} from {self.url}", CorruptCheckpointError):
-            return self.checkpoint.read(fqn)
+        return self.checkpoint.read(fqn)
 
     def summary(self) -> dict[str, Any]:
         meta = self.checkpoint.metadata
@@ -266,16 +273,14 @@ class ReaderSource(CheckpointSource):
         self.format = fmt
         self.reader = reader
         self.trust_pickle = trust_pickle
-        with _errors(f"cannot read the {fmt} checkpoint metadata of {url}", UnsupportedFormatError):
+        with self._reader_errors(f"cannot read the {fmt} checkpoint metadata of {url}", UnsupportedFormatError):
             self.dcp_metadata: Metadata = reader.read_metadata()
             reader.set_up_storage_reader(self.dcp_metadata, True)
         planner_data = self.dcp_metadata.planner_data
         paths = planner_data if isinstance(planner_data, dict) else {}
         info = SaveInfo.from_planner_data(planner_data) if isinstance(planner_data, dict) else None
-        meshes = [
-            MeshInfo(tuple(m["shape"]), tuple(m["dim_names"]) if m.get("dim_names") else None)
-            for m in (info.meshes if info else [])
-        ]
+        fields = Fields(url)
+        meshes = [fields.mesh(m, f"planner_data mesh {i}") for i, m in enumerate(info.meshes if info else [])]
         for fqn, md in self.dcp_metadata.state_dict_metadata.items():
             path = paths.get(fqn)
             path = tuple(path) if isinstance(path, (tuple, list)) else None
@@ -289,7 +294,7 @@ class ReaderSource(CheckpointSource):
                     tuple(md.size),
                     len(md.chunks),
                     meshes[mesh_index] if mesh_index is not None and mesh_index < len(meshes) else None,
-                    Fields(url).placements(placements, fqn) if placements else None,
+                    fields.placements(placements, fqn) if placements else None,
                     path,
                 )
             elif isinstance(md, BytesStorageMetadata):
@@ -297,6 +302,10 @@ class ReaderSource(CheckpointSource):
 
     def _value_nbytes(self, fqn: str) -> int | None:
         return None
+
+    def _reader_errors(self, what: str, kind: type[CheckpointError]) -> contextlib.AbstractContextManager[None]:
+        """What the reader raises, as it raises it: torch_ucp's readers raise torch_ucp errors."""
+        return contextlib.nullcontext()
 
     def _load(self, state: dict[str, Any]) -> None:
         planner = UCPLoadPlanner(allow_partial_load=True, allow_pickle=self.trust_pickle)
@@ -309,7 +318,7 @@ class ReaderSource(CheckpointSource):
     def read_tensor(self, fqn: str) -> torch.Tensor:
         info = self._tensor_info(fqn)
         out = torch.empty(info.shape, dtype=info.dtype)
-        with _errors(f"cannot read {fqn!r} from {self.url}", CorruptCheckpointError):
+        with self._reader_errors(f"cannot read {fqn!r} from {self.url}", CorruptCheckpointError):
             self._load({fqn: out})
         return out
 
@@ -317,7 +326,7 @@ class ReaderSource(CheckpointSource):
         if fqn not in self.values:
             raise CheckpointError(f"{fqn!r} is not a non-tensor value of {self.url}")
         state: dict[str, Any] = {fqn: _PLACEHOLDER}
-        with _errors(f"cannot read value {fqn!r} from {self.url}", CorruptCheckpointError):
+        with self._reader_errors(f"cannot read value {fqn!r} from {self.url}", CorruptCheckpointError):
             self._load(state)
         return state[fqn]
 
@@ -332,6 +341,9 @@ class DCPSource(ReaderSource):
 
     def __init__(self, reader: StorageReader, url: str, *, trust_pickle: bool = False) -> None:
         super().__init__(reader, url, FORMAT_DCP, trust_pickle=trust_pickle)
+
+    def _reader_errors(self, what: str, kind: type[CheckpointError]) -> contextlib.AbstractContextManager[None]:
+        return _stock_dcp_errors(what, kind)
 
     def _storage_files(self) -> dict[Any, str]:
         storage = self.dcp_metadata.storage_data
@@ -364,10 +376,6 @@ class DCPSource(ReaderSource):
         }
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def detect_format(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """The format of the checkpoint at ``url`` (one of :data:`FORMATS`).
 
@@ -381,25 +389,23 @@ def detect_format(url: str, storage_options: dict[str, Any] | None = None) -> st
     if url.endswith((".safetensors", ".safetensors.index.json")):
         return FORMAT_SAFETENSORS
     store = open_store(url, storage_options or {})
-    with _errors(f"cannot read {url}"):
-        if store.exists(METADATA_FILE):
-            first = bytearray(1)
-            store.read_into(METADATA_FILE, [(0, 1)], [memoryview(first)])
-            if first == b"{":
-                return FORMAT_UCP
-            if first == b"\x80":  # pickle protocol 2+: DCP's Metadata
-                return FORMAT_DCP
-            raise UnsupportedFormatError(
-                f"{store.describe(METADATA_FILE)} is neither torch_ucp JSON metadata nor a "
-                "stock DCP (pickled) metadata file"
-            )
-        names = store.list_dir("")
-        if "zero" in names or "latest_universal" in names:
-            return FORMAT_DEEPSPEED
-        if any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
-            return FORMAT_SAFETENSORS
-        exists = store.exists("")
-    if not exists:
+    if store.exists(METADATA_FILE):
+        first = bytearray(1)
+        store.read_into(METADATA_FILE, [(0, 1)], [memoryview(first)])
+        if first == b"{":
+            return FORMAT_UCP
+        if first == b"\x80":  # pickle protocol 2+: DCP's Metadata
+            return FORMAT_DCP
+        raise UnsupportedFormatError(
+            f"{store.describe(METADATA_FILE)} is neither torch_ucp JSON metadata nor a "
+            "stock DCP (pickled) metadata file"
+        )
+    names = store.list_dir("")
+    if "zero" in names or "latest_universal" in names:
+        return FORMAT_DEEPSPEED
+    if any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
+        return FORMAT_SAFETENSORS
+    if not store.exists(""):
         raise CheckpointNotFoundError(f"{url} does not exist")
     raise UnsupportedFormatError(
         f"{url} is not a checkpoint: no {METADATA_FILE} (torch_ucp or DCP), no zero/ or "
@@ -426,9 +432,7 @@ def open_source(
     fmt = format or detect_format(url, options)
     if fmt == FORMAT_UCP:
         store = open_store(url, options)
-        with _errors(f"cannot read {store.describe(METADATA_FILE)}"):
-            catalog = open_catalog(store)
-        return UCPSource(Checkpoint(store, catalog, verify=verify, allow_pickle=trust_pickle))
+        return UCPSource(Checkpoint(store, open_catalog(store), verify=verify, allow_pickle=trust_pickle))
     if fmt == FORMAT_DCP:
         if not trust_pickle:
             raise UnsafeCheckpointError(
@@ -437,14 +441,12 @@ def open_source(
                 "it, pass --trust-pickle (trust_pickle=True); torch-ucp convert --trust-pickle "
                 "turns it into a torch_ucp checkpoint that never needs it"
             )
-        if _is_remote(url):
-            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-            reader: StorageReader = FsspecReader(url, **options)
-        else:
+        if is_local_url(url):
             from torch.distributed.checkpoint import FileSystemReader
 
-            reader = FileSystemReader(url)
+            reader: StorageReader = FileSystemReader(local_path(url))
+        else:
+            reader = _compat.fsspec_dcp_reader(url, options)
         return DCPSource(reader, url, trust_pickle=True)
     if fmt == FORMAT_DEEPSPEED:
         from torch_ucp.interop.deepspeed import DeepSpeedUniversalReader
