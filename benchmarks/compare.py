@@ -1,7 +1,7 @@
 """torch_ucp against stock DCP on the same generated sharded state, in one run.
 
     python benchmarks/compare.py [--size-gib 1.0] [--world-size 2] [--dir /tmp/ucp-bench]
-                                 [--s3-size-gib 0.25]
+                                 [--s3-size-gib 0.25] [--only content-hash|share]
 
 Prints the machine, then one table:
 
@@ -361,7 +361,7 @@ def _content_hash_rows(path: Callable[[str], str], size: int, total: int, ws: in
     res = {}
     for name, options in (("default", {}), ("verify_load", {"verify_load": True})):
         drop_caches()
-        res[name] = run_distributed(load_rank, ws, "ucp", path("same-ucp"), size, "shard0", options)
+        res[name] = run_distributed(load_rank, ws, "ucp", path("hash-True"), size, "shard0", options)
         assert all(r["ok"] for r in res[name]), f"{name}: load mismatch"
     base, checked = _worst(res["default"], "seconds"), _worst(res["verify_load"], "seconds")
     rows.append(Row("load verify_load=True", "torch_ucp", checked, _gbps(total, checked), None,
@@ -484,6 +484,9 @@ def main() -> int:
     p.add_argument("--dir", default="/tmp/torch-ucp-bench")
     p.add_argument("--s3-size-gib", type=float, default=0.25,
                    help="state size for the S3 rows (0 to skip); a local moto server is started")
+    p.add_argument("--only", choices=["content-hash", "share"],
+                   help="only these rows (the content hash at --size-gib; shared reads at --s3-size-gib, "
+                        "or --size-gib on local disk alone when that is 0)")
     args = p.parse_args()
     size = int(args.size_gib * 2**30)
     total = sum(r * c * 4 for r, c in _tensors(size).values())
@@ -497,6 +500,14 @@ def main() -> int:
     print(machine_summary(args.dir))
     print(f"state: {total / 2**30:.2f} GiB float32 over {ws} ranks, dir {args.dir}", flush=True)
     cold = drop_caches()
+    if args.only:
+        if args.only == "content-hash":
+            rows = _content_hash_rows(path, size, total, ws)
+        else:
+            rows = _share_rows(int((args.s3_size_gib or args.size_gib) * 2**30), path, s3=args.s3_size_gib > 0)
+        print(format_table(rows))
+        shutil.rmtree(args.dir, ignore_errors=True)
+        return 0
     rows = _disk_rows(args.dir, total)
     save_rows, save_s = _save_rows(path, size, total, ws, rows[0].gbps)
     rows += save_rows
