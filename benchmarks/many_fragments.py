@@ -19,7 +19,7 @@ import torch
 
 from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid
 from torch_ucp.metadata.schema import StoredBytes
-from torch_ucp.storage.reading import BoxRead, FragmentReader
+from torch_ucp.storage.fragment_reader import BoxRead, FragmentReader
 from torch_ucp.storage.store import open_store
 
 BLOCK_BYTES, BLOCK_WIDTH = 64 << 10, 2 << 10

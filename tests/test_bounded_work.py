@@ -20,7 +20,7 @@ from torch_ucp import UCPLoadPlanner, UCPReader, UCPSavePlanner, UCPWriter
 from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid
 from torch_ucp.metadata.schema import StoredBytes
 from torch_ucp.patterns.base import glob_regex
-from torch_ucp.storage.reading import BoxRead, FragmentReader
+from torch_ucp.storage.fragment_reader import BoxRead, FragmentReader
 from torch_ucp.storage.store import open_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

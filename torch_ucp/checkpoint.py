@@ -12,8 +12,8 @@ from torch_ucp.errors import KeyNotFoundError
 from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
 from torch_ucp.metadata.schema import CheckpointMetadata, TensorEntry
 from torch_ucp.planner.boxes import intersect
+from torch_ucp.storage.fragment_reader import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.reader import open_catalog, read_value
-from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.store import Store, open_store
 
 Index = int | slice | Sequence[int | slice] | None

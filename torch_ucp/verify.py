@@ -16,8 +16,8 @@ from torch_ucp.metadata import content_hash
 from torch_ucp.metadata.catalog import FragmentCatalog
 from torch_ucp.metadata.tiling import tiling_problem
 from torch_ucp.metadata.values import TORCH_SAVE, decode_value
+from torch_ucp.storage.fragment_reader import BoxRead, FragmentReader
 from torch_ucp.storage.reader import open_catalog, read_value_bytes
-from torch_ucp.storage.reading import BoxRead, FragmentReader
 from torch_ucp.storage.store import open_store
 
 _BATCH_BYTES = 256 << 20  # bound on host memory while verifying

@@ -6,7 +6,7 @@ the header) and the tensors' raw C-contiguous little-endian bytes. Each tensor i
 fragment of the torch_ucp kind: one box (the whole tensor) stored at a byte offset of an object.
 :class:`SafetensorsReader` presents every tensor to ``torch.distributed.checkpoint`` as one chunk
 covering the whole tensor and serves each read item with torch_ucp's read engine
-(:class:`~torch_ucp.storage.reading.FragmentReader`, without checksums: safetensors has none),
+(:class:`~torch_ucp.storage.fragment_reader.FragmentReader`, without checksums: safetensors has none),
 so a rank reads only the byte ranges of the rows/columns its shard needs, in parallel, straight
 into the destination where the layout allows, from a local path or any fsspec URL.
 
@@ -53,8 +53,8 @@ from torch_ucp.errors import CheckpointError, CheckpointNotFoundError, Unsupport
 from torch_ucp.interop.base import IndexedReader
 from torch_ucp.metadata.dtypes import name_to_dtype
 from torch_ucp.metadata.schema import StoredBytes
+from torch_ucp.storage.fragment_reader import BoxRead, FragmentReader, ReadStats
 from torch_ucp.storage.reader import commit_callback
-from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats
 from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.urls import split_url
 

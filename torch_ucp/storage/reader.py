@@ -37,8 +37,8 @@ from torch_ucp.storage.content_check import (
     group_size,
     plan_verification,
 )
+from torch_ucp.storage.fragment_reader import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.protocols import ValueLoadPlanner
-from torch_ucp.storage.reading import BoxRead, FragmentReader, ReadStats, normalize_verify
 from torch_ucp.storage.share_transfer import ShareTransfers, TransferStats
 from torch_ucp.storage.sharing import (
     Box,

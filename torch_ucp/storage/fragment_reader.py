@@ -1,7 +1,7 @@
 """The read engine: fill destination tensors with boxes of stored fragments.
 
-Every box is first widened to the checksum blocks around it (:class:`~torch_ucp.storage.
-checksum.BlockGrid`: blocks are small in both directions, so a column range of a fragment widens
+Every box is first widened to the checksum blocks around it (:class:`~torch_ucp.metadata.
+checksums.BlockGrid`: blocks are small in both directions, so a column range of a fragment widens
 to a column range of blocks, not to whole rows), then becomes a few byte ranges
 (:mod:`torch_ucp.storage.ranges`). Ranges of one data object are sorted, small neighbours merged
 while the waste stays within budget, large ones split, and packed into tasks that a thread pool
