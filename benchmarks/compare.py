@@ -476,11 +476,11 @@ def format_table(rows: list[Row]) -> str:
     def cell(v: float | None, fmt: str, width: int) -> str:
         return (format(v, fmt) if v is not None else "-").rjust(width)
 
-    header = f"{'operation':<38}{'system':<11}{'s':>7}{'GB/s':>7}{'vs dcp':>8}{'peak RSS MiB':>14}  notes"
+    header = f"{'operation':<40}{'system':<11}{'s':>7}{'GB/s':>7}{'vs dcp':>8}{'peak RSS MiB':>14}  notes"
     lines = [header, "-" * 120]
     for r in rows:
         rss = r.memory.rss / 2**20 if r.memory is not None else None
-        lines.append(f"{r.op:<38}{r.system:<11}{cell(r.seconds, '.2f', 7)}{cell(r.gbps, '.2f', 7)}"
+        lines.append(f"{r.op:<40}{r.system:<11}{cell(r.seconds, '.2f', 7)}{cell(r.gbps, '.2f', 7)}"
                      f"{cell(r.ratio, '.2f', 7)}{'x' if r.ratio is not None else ' '}"
                      f"{cell(rss, '.0f', 14)}  {_notes(r)}")
     return "\n".join(lines)
