@@ -1,7 +1,8 @@
 """torch_ucp against stock DCP on the same generated sharded state, in one run.
 
     python benchmarks/compare.py [--size-gib 1.0] [--world-size 2] [--dir /tmp/ucp-bench]
-                                 [--s3-size-gib 0.25] [--only content-hash|share]
+                                 [--s3-size-gib 0.25] [--s3-bandwidth-mbs MB/s ...]
+                                 [--only content-hash|share]
 
 Prints the machine, then one table:
 
@@ -23,7 +24,10 @@ Prints the machine, then one table:
 * save and load through S3 (a local moto server; ``--s3-size-gib 0`` skips them);
 * replicated loads (4 ranks as HSDP: 2 replicas of 2 shards) with and without ``share_reads``,
   from local disk and from S3 (moto, through a proxy counting the bytes of GET responses):
-  seconds, and bytes read from storage per byte of the checkpoint (the distinct bytes needed).
+  seconds, and bytes read from storage per byte of the checkpoint (the distinct bytes needed);
+  with ``--s3-bandwidth-mbs`` also from S3 behind a proxy that limits the response bodies of all
+  connections together to each given rate (MB/s = 10^6 bytes/s): a store whose bandwidth, not
+  this machine's CPUs, is the limit.
 
 Every save is durable when it returns (both systems fsync). The page cache is dropped before
 every load (as root). For the resharded loads it reports bytes *requested* per byte needed
@@ -410,9 +414,11 @@ def _s3_rows(size: int, ws: int) -> list[Row]:
     return rows
 
 
-def _share_rows(size: int, path: Callable[[str], str], s3: bool) -> list[Row]:
+def _share_rows(size: int, path: Callable[[str], str], s3: bool,
+                bandwidths_mbs: tuple[float, ...] = ()) -> list[Row]:
     """HSDP 2x2 loads of a Shard(0)x4 checkpoint, with and without ``share_reads``: local disk
-    (bytes: the readers' own counts) and S3 (bytes: GET bodies at a counting proxy)."""
+    (bytes: the readers' own counts) and S3 (bytes: GET bodies at a counting proxy), also with
+    the proxy limiting the bodies of all connections together to each of ``bandwidths_mbs``."""
     total = sum(r * c * 4 for r, c in _tensors(size).values())
     rows = []
 
@@ -449,9 +455,12 @@ def _share_rows(size: int, path: Callable[[str], str], s3: bool) -> list[Row]:
             url = f"s3://{bucket}/share"
             options = server.storage_options(**RETRY_STORAGE_OPTIONS)
             run_distributed(save_rank, 4, "ucp", url, size, "shard0", options)
-            with FaultProxy(server.endpoint_url, fail_rate=0.0) as proxy:
-                via = proxy.storage_options(**{k: v for k, v in options.items() if k != "endpoint_url"})
-                measure("S3", url, via, lambda: proxy.get_bytes, proxy.reset_stats)
+            for mbs in (None, *bandwidths_mbs):
+                bandwidth = None if mbs is None else mbs * 1e6
+                with FaultProxy(server.endpoint_url, fail_rate=0.0, bandwidth=bandwidth) as proxy:
+                    via = proxy.storage_options(**{k: v for k, v in options.items() if k != "endpoint_url"})
+                    measure("S3" if mbs is None else f"S3 at {mbs:g} MB/s", url, via,
+                            lambda: proxy.get_bytes, proxy.reset_stats)
     return rows
 
 
@@ -467,11 +476,11 @@ def format_table(rows: list[Row]) -> str:
     def cell(v: float | None, fmt: str, width: int) -> str:
         return (format(v, fmt) if v is not None else "-").rjust(width)
 
-    header = f"{'operation':<34}{'system':<11}{'s':>7}{'GB/s':>7}{'vs dcp':>8}{'peak RSS MiB':>14}  notes"
+    header = f"{'operation':<40}{'system':<11}{'s':>7}{'GB/s':>7}{'vs dcp':>8}{'peak RSS MiB':>14}  notes"
     lines = [header, "-" * 120]
     for r in rows:
         rss = r.memory.rss / 2**20 if r.memory is not None else None
-        lines.append(f"{r.op:<34}{r.system:<11}{cell(r.seconds, '.2f', 7)}{cell(r.gbps, '.2f', 7)}"
+        lines.append(f"{r.op:<40}{r.system:<11}{cell(r.seconds, '.2f', 7)}{cell(r.gbps, '.2f', 7)}"
                      f"{cell(r.ratio, '.2f', 7)}{'x' if r.ratio is not None else ' '}"
                      f"{cell(rss, '.0f', 14)}  {_notes(r)}")
     return "\n".join(lines)
@@ -484,6 +493,9 @@ def main() -> int:
     p.add_argument("--dir", default="/tmp/torch-ucp-bench")
     p.add_argument("--s3-size-gib", type=float, default=0.25,
                    help="state size for the S3 rows (0 to skip); a local moto server is started")
+    p.add_argument("--s3-bandwidth-mbs", type=float, nargs="*", default=[], metavar="MB/s",
+                   help="also measure the replicated S3 loads behind a proxy limiting all response "
+                        "bodies together to each of these rates (10^6 bytes/s)")
     p.add_argument("--only", choices=["content-hash", "share"],
                    help="only these rows (the content hash at --size-gib; shared reads at --s3-size-gib, "
                         "or --size-gib on local disk alone when that is 0)")
@@ -504,7 +516,8 @@ def main() -> int:
         if args.only == "content-hash":
             rows = _content_hash_rows(path, size, total, ws)
         else:
-            rows = _share_rows(int((args.s3_size_gib or args.size_gib) * 2**30), path, s3=args.s3_size_gib > 0)
+            rows = _share_rows(int((args.s3_size_gib or args.size_gib) * 2**30), path, s3=args.s3_size_gib > 0,
+                              bandwidths_mbs=tuple(args.s3_bandwidth_mbs))
         print(format_table(rows))
         shutil.rmtree(args.dir, ignore_errors=True)
         return 0
@@ -519,7 +532,8 @@ def main() -> int:
     rows += _async_rows(path, size, ws, save_s)
     if args.s3_size_gib > 0:
         rows += _s3_rows(int(args.s3_size_gib * 2**30), ws)
-    rows += _share_rows(int((args.s3_size_gib or args.size_gib) * 2**30), path, s3=args.s3_size_gib > 0)
+    rows += _share_rows(int((args.s3_size_gib or args.size_gib) * 2**30), path, s3=args.s3_size_gib > 0,
+                        bandwidths_mbs=tuple(args.s3_bandwidth_mbs))
 
     print()
     print("loads read from " + ("disk (page cache dropped before each)" if cold else "a warm page cache"))

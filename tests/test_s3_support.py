@@ -12,6 +12,7 @@ import http.server
 import os
 import random
 import threading
+import time
 
 import aiohttp
 import botocore.exceptions
@@ -221,6 +222,33 @@ def test_s3fs_survives_faults(s3_server, s3_bucket):
     assert stats["failed"] > 0, stats
     assert len(stats["faults"]) >= 3, stats  # several different fault kinds were hit
     assert stats["requests"] > stats["forwarded"], stats
+
+
+def test_proxy_bandwidth_limits_all_connections_together(s3_server, s3_bucket):
+    """Two concurrent GETs through a 10 MB/s proxy share the 10 MB/s: together they cannot take
+    less than their bytes over the rate (less the burst credit); bodies arrive intact."""
+    url, _ = s3_bucket
+    bucket = url[len("s3://") :]
+    objs = {f"{bucket}/bw/{i}.bin": _rand(2 * MiB, 40 + i) for i in range(2)}
+    fs = _fs(s3_server.storage_options())
+    for path, data in objs.items():
+        fs.pipe_file(path, data)
+    rate, burst = 10e6, 0.05
+    with FaultProxy(s3_server.endpoint_url, fail_rate=0.0, bandwidth=rate, bandwidth_burst=burst) as px:
+        got: dict[str, bytes] = {}
+        readers = [threading.Thread(target=lambda p=p: got.__setitem__(p, _fs(px.storage_options()).cat_file(p)))
+                   for p in objs]
+        t0 = time.monotonic()
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
+        elapsed = time.monotonic() - t0
+        assert got == objs
+        assert px.get_bytes == 4 * MiB
+    assert elapsed >= 4 * MiB / rate - burst, elapsed
+    with pytest.raises(ValueError, match="bandwidth"):
+        FaultProxy(s3_server.endpoint_url, bandwidth=0)
 
 
 _NO_RETRY_CASES = {

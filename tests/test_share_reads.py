@@ -212,6 +212,7 @@ def test_the_messages_balance_parts_over_a_set() -> None:
     per_reader = [sum(m.nbytes for m in messages if m.reader == r) for r in range(4)]
     assert per_reader == [256 << 10] * 4 and all(m.nbytes <= 64 << 10 for m in messages)
     assert [m.order for m in messages] == [(3, i) for i in range(len(messages))]
+    assert [m.reader for m in messages] == [0, 1, 2, 3] * 4  # the members' messages in turn
 
 
 def test_the_coordinator_groups_ranks_with_the_same_boxes() -> None:

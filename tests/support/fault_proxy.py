@@ -31,6 +31,19 @@ Fault kinds (``modes``)
 ``"slow"``       response delayed by ``slow_seconds`` (a fault only if the
                  client's ``read_timeout`` is shorter).
 
+Bandwidth limit
+---------------
+``bandwidth`` (bytes/s, None: unlimited) caps the aggregate rate of response
+bodies over all connections, like a store whose throughput is the limit
+(per-node NIC, per-prefix throughput): a token bucket shared by the handler
+threads, refilled at ``bandwidth`` and holding at most ``bandwidth_burst``
+seconds of credit, that every body chunk (64 KiB) waits on before it is sent.
+Waiting is a sleep, so the throttle costs no CPU. Request bodies and headers
+are not throttled. Independent of the faults (``fail_rate=0`` for a plain
+throttle)::
+
+    FaultProxy(server.endpoint_url, fail_rate=0.0, bandwidth=100e6)  # 100 MB/s
+
 Counters: ``requests``, ``forwarded``, ``failed`` (faults injected),
 ``faults`` (by mode), ``connections``; ``stats()`` gives them all, ``log`` the
 decision for every request.
@@ -254,6 +267,32 @@ class RequestInfo:
         return f"RequestInfo({self.method} {self.path} {self.query})"
 
 
+class _TokenBucket:
+    """Aggregate rate limit shared by threads: :meth:`take` blocks until ``n`` bytes fit.
+
+    A virtual clock: ``_next`` is when the bytes reserved so far are paid for at ``rate``; a
+    take returns once that is at most ``burst`` seconds ahead of now (so an idle bucket holds
+    at most ``burst`` seconds of credit). Reservations are made under the lock in arrival
+    order, the waits happen outside it.
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if rate <= 0 or burst < 0:
+            raise ValueError(f"bandwidth must be > 0 and burst >= 0, got {rate}, {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now) + n / self.rate
+            wait = self._next - self.burst - now
+        if wait > 0:
+            time.sleep(wait)
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -291,6 +330,11 @@ class FaultProxy:
         Delay used by the ``"slow"`` mode.
     upstream_timeout, idle_timeout:
         Socket timeouts towards the server and for idle client connections.
+    bandwidth:
+        Aggregate limit on response-body bytes per second over all connections
+        (None: unlimited); see "Bandwidth limit" in the module docstring.
+    bandwidth_burst:
+        Seconds of idle credit the bandwidth limit may spend at once.
 
     ``fail_rate``, ``modes``, ``methods``, ``match``, ``max_faults``,
     ``max_faults_per_request`` and ``slow_seconds`` are plain attributes and may
@@ -313,6 +357,8 @@ class FaultProxy:
         slow_seconds: float = 0.5,
         upstream_timeout: float = 60.0,
         idle_timeout: float = 60.0,
+        bandwidth: float | None = None,
+        bandwidth_burst: float = 0.05,
     ) -> None:
         parsed = urllib.parse.urlsplit(target_url)
         if parsed.scheme != "http" or parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -333,6 +379,7 @@ class FaultProxy:
         self.slow_seconds = slow_seconds
         self.upstream_timeout = upstream_timeout
         self.idle_timeout = idle_timeout
+        self._bucket = None if bandwidth is None else _TokenBucket(float(bandwidth), bandwidth_burst)
 
         self._lock = threading.Lock()
         self._attempts: Counter[str] = Counter()
@@ -591,6 +638,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, data: bytes) -> None:
         self.connection.sendall(data)
 
+    def _send_body(self, data: bytes, body_bytes: int, head: bytes = b"") -> None:
+        """Send ``head + data`` once ``body_bytes`` of response body fit the bandwidth limit."""
+        if self.proxy._bucket is not None and body_bytes:
+            self.proxy._bucket.take(body_bytes)
+        self._send(head + data)
+
     def _abort(self, rst: bool) -> None:
         """Close the client connection: FIN (rst=False) or RST (rst=True)."""
         self.close_connection = True
@@ -676,7 +729,7 @@ class _Handler(BaseHTTPRequestHandler):
                     chunk = resp.read(min(_CHUNK, cut - sent))
                     if not chunk:
                         break
-                    self._send(chunk)
+                    self._send_body(chunk, len(chunk))
                     sent += len(chunk)
             else:
                 self._send(head[: max(1, len(head) // 2)])
@@ -696,19 +749,19 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = resp.read1(_CHUNK) if hasattr(resp, "read1") else resp.read(_CHUNK)
                 if not chunk:
                     break
-                self._send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self._send_body(b"%x\r\n%s\r\n" % (len(chunk), chunk), len(chunk))
                 if self.command == "GET":
                     self.proxy._count_get_bytes(len(chunk))
             self._send(b"0\r\n\r\n")
         else:
             first = resp.read(_CHUNK)
-            self._send(head + first)  # one segment for small responses
+            self._send_body(first, len(first), head)  # one segment for small responses
             sent = len(first)
             while first:
                 chunk = resp.read(_CHUNK)
                 if not chunk:
                     break
-                self._send(chunk)
+                self._send_body(chunk, len(chunk))
                 sent += len(chunk)
             if self.command == "GET":
                 self.proxy._count_get_bytes(sent)

@@ -170,7 +170,7 @@ def set_messages(
     """The messages of one share set from its ``boxes`` (the same on every member): every box
     cut into parts of at most ``message_bytes``, each part dealt to the member dealt the fewest
     bytes so far (the lowest rank on ties), each member's parts packed in order into messages
-    of at most ``message_bytes``."""
+    of at most ``message_bytes``, the members' messages taken in turn."""
     members = share_set.members
     load = dict.fromkeys(members, 0)
     mine: dict[int, list[tuple[Box, tuple[int, ...], tuple[int, ...], int]]] = {m: [] for m in members}
@@ -181,19 +181,26 @@ def set_messages(
             reader = min(members, key=lambda m: (load[m], m))
             load[reader] += nbytes
             mine[reader].append((box, offsets, lengths, nbytes))
-    messages: list[Message] = []
+    batches: dict[int, list[list[Part]]] = {m: [] for m in members}
     for reader in members:
-        batches: list[list[Part]] = []
         at = 0
         for box, offsets, lengths, nbytes in mine[reader]:
-            if not batches or (at + nbytes > message_bytes and batches[-1]):
-                batches.append([])
+            if not batches[reader] or (at + nbytes > message_bytes and batches[reader][-1]):
+                batches[reader].append([])
                 at = 0
-            batches[-1].append(Part(box, offsets, lengths, nbytes, at))
+            batches[reader][-1].append(Part(box, offsets, lengths, nbytes, at))
             at += -(-nbytes // ALIGN) * ALIGN
-        for batch in batches:
-            end = batch[-1].at + batch[-1].nbytes
-            messages.append(Message((share_set.id, len(messages)), reader, members, tuple(batch), end))
+    # Round-robin over the readers in the set's order: each member's k-th message comes before
+    # anyone's (k+1)-th, so every member sends one while it receives the others' and all read
+    # ahead at once. (Reader by reader, a member would hold its own reads until the members
+    # before it had sent all theirs, and once those filled its memory bound it read no further.)
+    messages: list[Message] = []
+    for k in range(max(len(b) for b in batches.values())):
+        for reader in members:
+            if k < len(batches[reader]):
+                batch = batches[reader][k]
+                end = batch[-1].at + batch[-1].nbytes
+                messages.append(Message((share_set.id, len(messages)), reader, members, tuple(batch), end))
     return messages
 
 
