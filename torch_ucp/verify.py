@@ -174,22 +174,23 @@ def _check_content(catalog: FragmentCatalog, fragment_hashes: dict[int, int], re
     if not any(e.content_hash is not None for e in catalog.entries) and catalog.entries:
         report.problems.append("--logical: the checkpoint records no content hashes (saved without content_hash)")
         return
-    rows = catalog.rows
-    sums = [0] * len(catalog.entries)
-    complete = [True] * len(catalog.entries)
-    for i in range(len(rows)):
-        t = int(rows.tensor[i])
-        if i in fragment_hashes:
-            sums[t] = content_hash.add(sums[t], fragment_hashes[i])
-        else:
-            complete[t] = False
+    tensor = np.asarray(catalog.rows.tensor, dtype=np.int64)
+    read = np.zeros(len(tensor), dtype=bool)
+    hashes = np.zeros(len(tensor), dtype=np.uint64)
+    rows = np.fromiter(fragment_hashes, dtype=np.int64, count=len(fragment_hashes))
+    hashes[rows] = np.fromiter(fragment_hashes.values(), dtype=np.uint64, count=len(fragment_hashes))
+    read[rows] = True
+    sums = np.zeros(len(catalog.entries), dtype=np.uint64)
+    np.add.at(sums, tensor, hashes)  # uint64 addition wraps: the sum modulo 2^64
+    complete = np.ones(len(catalog.entries), dtype=bool)
+    complete[tensor[~read]] = False
     for t, entry in enumerate(catalog.entries):
         if not complete[t] or entry.content_hash is None:
             continue
         report.logical_checked += 1
-        if sums[t] != entry.content_hash:
+        if int(sums[t]) != entry.content_hash:
             report.problems.append(
-                f"{entry.fqn!r}: content hash of its fragments is {content_hash.to_hex(sums[t])}, the save "
+                f"{entry.fqn!r}: content hash of its fragments is {content_hash.to_hex(int(sums[t]))}, the save "
                 f"recorded {content_hash.to_hex(entry.content_hash)} (intact bytes in the wrong place, or "
                 "changed bytes whose checksums were rewritten)"
             )

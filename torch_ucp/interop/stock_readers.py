@@ -25,9 +25,8 @@ from typing import Any
 
 from torch_ucp import _compat
 from torch_ucp.errors import NotStockCheckpointError
+from torch_ucp.metadata.header import is_torch_ucp_header
 
-_V2_PREFIX = b'{"header_crc32c":'
-_V1_MARK = b'"format":"torch_ucp"'
 _SNIFF_BYTES = 4096
 
 
@@ -43,11 +42,6 @@ def stock_reader_message(checkpoint: str) -> str:
         f"`torch-ucp export {c} OUT.pt --format torch` to write the single torch.save file that "
         "format_utils.dcp_to_torch_save makes"
     )
-
-
-def is_torch_ucp_header(head: bytes) -> bool:
-    """Whether the first bytes of a ``.metadata`` object are a torch_ucp header (any version)."""
-    return head.startswith(_V2_PREFIX) or (head[:1] == b"{" and _V1_MARK in head)
 
 
 def _sniff(reader: Any, rank: int | None) -> bool:

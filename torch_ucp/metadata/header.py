@@ -100,6 +100,16 @@ def encode_header(meta: CheckpointMetadata) -> bytes:
     return f'{{"header_crc32c":"{crc32c(rest):08x}",'.encode() + rest
 
 
+_V1_MARK = f'"format":"{FORMAT_NAME}"'.encode()  # near the start of a version-1 object
+
+
+def is_torch_ucp_header(head: bytes) -> bool:
+    """Whether ``head``, the first bytes (4 KiB are plenty) of a ``.metadata`` object, starts a
+    torch_ucp header of any version: version 2's self-checksum prefix, or a version-1 JSON
+    object naming the format. A cheap sniff; :func:`decode_metadata` does the checking."""
+    return bool(_PREFIX.match(head)) or (head[:1] == b"{" and _V1_MARK in head)
+
+
 def decode_metadata(
     data: bytes, source: str = "<metadata>", *, max_bytes: int = DEFAULT_MAX_HEADER_BYTES
 ) -> tuple[CheckpointMetadata, FragmentRows | None]:

@@ -3,7 +3,7 @@
 DCP hands non-tensor values (``BYTE_IO`` items) between planner and storage as ``torch.save``
 bytes, which only pickle can read back. A planner that also implements one of these protocols
 hands over (or accepts) the value itself, so the storage layer encodes it without pickle
-(``torch_ucp.storage.values``). :class:`~torch_ucp.UCPSavePlanner` and
+(:mod:`torch_ucp.metadata.values`). :class:`~torch_ucp.UCPSavePlanner` and
 :class:`~torch_ucp.UCPLoadPlanner` implement them; a stock planner gets the ``torch.save``
 path, re-encoded without pickle where the value allows.
 """

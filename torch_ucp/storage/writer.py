@@ -30,6 +30,7 @@ from torch_ucp import knobs
 from torch_ucp.errors import CheckpointError, CommitConflictError, UnsafeCheckpointError
 from torch_ucp.metadata.checksums import DEFAULT_ALGORITHM, BlockGrid, crc32c
 from torch_ucp.metadata.content_hash import PartialHashes, bytes_hash
+from torch_ucp.metadata.content_hash import add as add_hashes
 from torch_ucp.metadata.dcp import layout_from_dcp, write_item_nbytes
 from torch_ucp.metadata.fragments import FragmentRows, tensor_key
 from torch_ucp.metadata.header import encode_header
@@ -88,7 +89,6 @@ class RankWritten:
 _Written = tuple[WriteItem, StoredBytes, "str | None", "int | None"]
 """Per written item: where its bytes went, its value encoding (values), its partial content
 hash (tensors, when hashed)."""
-_MASK64 = (1 << 64) - 1
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -277,7 +277,7 @@ class UCPWriter(StorageWriter):
                     chunk = item.tensor_data.chunk
                     tensors.append((item.index.fqn, chunk.offsets, chunk.sizes, stored))
                     if digest is not None:
-                        hashes[item.index.fqn] = (hashes.get(item.index.fqn, 0) + digest) & _MASK64
+                        hashes[item.index.fqn] = add_hashes(hashes.get(item.index.fqn, 0), digest)
             if self.content_hash:
                 report.hashes = PartialHashes.of(hashes)
             if tensors:

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch_ucp.errors import CheckpointExistsError, OptionError
 from torch_ucp.storage.builder import CheckpointBuilder
+from torch_ucp.storage.commit import EXISTS
 from torch_ucp.storage.urls import same_location
 from torch_ucp.tools.export import ExportPlan, Progress, plan_export
 from torch_ucp.tools.sources import CheckpointSource
@@ -98,7 +99,7 @@ def convert_checkpoint(
         builder = CheckpointBuilder(dst, overwrite=overwrite, allow_pickle=trust_pickle, **options)
     except CheckpointExistsError:
         raise CheckpointExistsError(
-            f"{dst} already holds a committed checkpoint; pass overwrite=True to replace it"
+            f"{EXISTS}: {dst} already holds a committed checkpoint; pass overwrite=True to replace it"
         ) from None
     with builder:
         for item in plan.tensors:
