@@ -151,6 +151,14 @@ def _fmix64(x: int) -> int:
     return x ^ (x >> 33)
 
 
+def content_multiplier(i: int) -> int:
+    """FORMAT.md "Content hash": the odd multiplier ``R(i)`` of global element index ``i``."""
+    m = (1 << 64) - 1
+    t = _fmix64(((i % 65536) + 0x9E3779B97F4A7C15) & m) | 1
+    u = _fmix64(((i >> 16) + 0xD6E8FEB86659FD93) & m) | 1
+    return (t * u) & m
+
+
 def content_hash(data: bytes, itemsize: int) -> str:
     """FORMAT.md "Content hash" (``mlh64``) of a whole tensor's C-order bytes, element by element."""
     m = (1 << 64) - 1
@@ -159,7 +167,5 @@ def content_hash(data: bytes, itemsize: int) -> str:
     for i in range(len(data) // word):
         w = int.from_bytes(data[i * word : (i + 1) * word], "little")
         x = w ^ (w >> 32) if word == 8 else w
-        t = _fmix64(((i % 65536) + 0x9E3779B97F4A7C15) & m) | 1
-        u = _fmix64(((i >> 16) + 0xD6E8FEB86659FD93) & m) | 1
-        total = (total + x * t * u) & m
+        total = (total + x * content_multiplier(i)) & m
     return f"{total:016x}"

@@ -79,13 +79,6 @@ with np.errstate(over="ignore"):
 _T.setflags(write=False)
 
 
-def multiplier(i: int) -> int:
-    """``R(i)``, the multiplier of global index ``i`` (reference implementation)."""
-    t = fmix64(((i & (BLOCK - 1)) + T_SEED) & MASK) | 1
-    u = fmix64(((i >> BLOCK_BITS) + U_SEED) & MASK) | 1
-    return (t * u) & MASK
-
-
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -274,27 +267,11 @@ def to_hex(value: int) -> str:
     return f"{value & MASK:016x}"
 
 
-def reference_hash(tensor: torch.Tensor) -> int:
-    """The hash of a whole tensor, element by element in pure Python (tests; slow)."""
-    t = tensor.detach().cpu().contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    size = t.dtype.itemsize
-    word = min(size, 8)
-    total = 0
-    for k in range(len(raw) // word):
-        w = int.from_bytes(raw[k * word : (k + 1) * word], "little")
-        x = w ^ (w >> 32) if word == 8 else w
-        total += x * multiplier(k)
-    return total & MASK
-
-
 __all__ = [
     "ALGORITHM",
     "PartialHashes",
     "box_hash",
     "bytes_hash",
-    "multiplier",
-    "reference_hash",
     "tensor_hash",
     "to_hex",
     "words_of",
