@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from torch_ucp.metadata.raw_bytes import tensor_bytes
+
 ALGORITHM = "mlh64"
 """The header's name for this hash (``content_hash.algorithm``)."""
 
@@ -204,15 +206,10 @@ def tensor_hash(
 ) -> int:
     """The partial hash of ``tensor``, the box at ``offsets`` of a tensor of ``shape`` (any
     strides and dtype; copied to CPU and made contiguous where needed)."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    itemsize = t.dtype.itemsize
-    if t.numel() == 0:
+    if tensor.numel() == 0:
         return 0
-    raw = t.reshape(-1).view(torch.uint8).numpy()
-    return box_hash(words_of(raw, itemsize), offsets, tuple(t.shape), shape, itemsize)
+    itemsize = tensor.dtype.itemsize
+    return box_hash(words_of(tensor_bytes(tensor), itemsize), offsets, tuple(tensor.shape), shape, itemsize)
 
 
 def bytes_hash(

@@ -29,6 +29,7 @@ from torch_ucp.metadata.content_hash import bytes_hash
 from torch_ucp.metadata.dtypes import dtype_to_name
 from torch_ucp.metadata.header import encode_header
 from torch_ucp.metadata.index import encode_index
+from torch_ucp.metadata.raw_bytes import tensor_bytes
 from torch_ucp.metadata.schema import (
     DATA_PREFIX,
     ITEM_ALIGNMENT,
@@ -53,7 +54,6 @@ from torch_ucp.storage.writer import (
     UCPWriter,
     checkpoint_metadata,
     index_rows,
-    tensor_bytes,
 )
 
 logger = logging.getLogger(__name__)

@@ -36,6 +36,7 @@ from torch_ucp.metadata.fragments import FragmentRows, tensor_key
 from torch_ucp.metadata.header import encode_header
 from torch_ucp.metadata.index import encode_index
 from torch_ucp.metadata.provenance import PlannerData
+from torch_ucp.metadata.raw_bytes import tensor_bytes
 from torch_ucp.metadata.schema import (
     DATA_PREFIX,
     ITEM_ALIGNMENT,
@@ -91,13 +92,6 @@ _Written = tuple[WriteItem, StoredBytes, "str | None", "int | None"]
 hash (tensors, when hashed)."""
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a tensor as a zero-copy view (copies only to make it CPU-contiguous)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:

@@ -29,10 +29,10 @@ import torch
 from torch_ucp import _compat
 from torch_ucp.errors import OptionError
 from torch_ucp.interop.safetensors import INDEX_NAME, SINGLE_NAME, safetensors_dtype_name
+from torch_ucp.metadata.raw_bytes import tensor_bytes
 from torch_ucp.sizes import parse_size
 from torch_ucp.storage.store import Store, open_store
 from torch_ucp.storage.urls import is_local_url, local_path, split_url
-from torch_ucp.storage.writer import tensor_bytes
 from torch_ucp.tools.safetensors_writer import SafetensorsFileWriter
 from torch_ucp.tools.sources import CheckpointSource, TensorInfo, open_source, select_keys
 

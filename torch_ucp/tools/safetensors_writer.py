@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from torch_ucp.interop.safetensors import safetensors_dtype_name
+from torch_ucp.metadata.raw_bytes import tensor_bytes
 from torch_ucp.storage.objects import ObjectStream
 from torch_ucp.storage.store import Store
-from torch_ucp.storage.writer import tensor_bytes
 
 __all__ = ["SafetensorsFileWriter"]
 
