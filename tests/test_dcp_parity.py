@@ -50,6 +50,7 @@ from torch_ucp import (
     UCPSavePlanner,
     UCPWriter,
     UnsupportedFormatError,
+    _compat,
     rank_error,
 )
 from torch_ucp.demo.launch import run_distributed
@@ -631,12 +632,11 @@ def _assert_names_torch_ucp(error: BaseException, path: str) -> None:
 
 def test_stock_entry_points_name_torch_ucp(tmp_path):
     """Stock readers built from a path fail at once, naming torch_ucp and what to call."""
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     path = str(tmp_path / "ucp")
     torch_ucp.save({"w": torch.ones(3)}, path)
-    for reader in (FileSystemReader(path), FsspecReader(path)):
+    for reader in (FileSystemReader(path), _compat.fsspec_dcp_reader(path, {})):
         with pytest.raises(UnsupportedFormatError) as info:
             reader.read_metadata()
         assert isinstance(info.value, pickle.UnpicklingError)  # what stock raised: handlers still match

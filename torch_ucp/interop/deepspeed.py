@@ -95,7 +95,7 @@ from torch_ucp.errors import (
     UnsafeCheckpointError,
 )
 from torch_ucp.interop.base import IndexedReader
-from torch_ucp.planner.layout import narrow
+from torch_ucp.metadata.placements import narrow
 from torch_ucp.storage.store import Store, open_store
 
 __all__ = ["DeepSpeedUniversalReader"]

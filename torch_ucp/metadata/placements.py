@@ -62,6 +62,14 @@ def whole_box(shape: Sequence[int]) -> Box:
     return Box(zeros, tuple(int(s) for s in shape), zeros)
 
 
+def narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    """View of ``t`` restricted to the box ``offsets``/``lengths``."""
+    for dim, (o, n) in enumerate(zip(offsets, lengths)):
+        if o != 0 or n != t.shape[dim]:
+            t = t.narrow(dim, o, n)
+    return t
+
+
 def normalize_placements(placements: Sequence[PlacementInfo], ndim: int) -> tuple[PlacementInfo, ...]:
     """Make shard dims non-negative; reject placements a checkpoint cannot describe."""
     out = []

@@ -47,9 +47,3 @@ def tensor_boxes(fqn: str, t: torch.Tensor) -> list[Box]:
     return [whole_box(t.shape)]
 
 
-def narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
-    """View of ``t`` restricted to the box ``offsets``/``lengths``."""
-    for dim, (o, n) in enumerate(zip(offsets, lengths)):
-        if o != 0 or n != t.shape[dim]:
-            t = t.narrow(dim, o, n)
-    return t

@@ -25,7 +25,7 @@ from torch_ucp import _compat
 from torch_ucp.errors import CorruptCheckpointError, LoadPlanError
 from torch_ucp.metadata.catalog import FragmentCatalog
 from torch_ucp.metadata.dtypes import convertible
-from torch_ucp.metadata.placements import Box
+from torch_ucp.metadata.placements import Box, narrow
 from torch_ucp.metadata.provenance import SaveInfo
 from torch_ucp.metadata.tiling import tiling_problem
 from torch_ucp.metadata.values import load_torch_save
@@ -43,7 +43,7 @@ from torch_ucp.patterns.rename import Rename
 from torch_ucp.planner import sharded_tensor
 from torch_ucp.planner.boxes import BoxIndex, intersect
 from torch_ucp.planner.global_plan import ChunkList
-from torch_ucp.planner.layout import narrow, tensor_boxes
+from torch_ucp.planner.layout import tensor_boxes
 from torch_ucp.planner.plan_table import RankLocalItems
 
 _MAX_LISTED = 20

@@ -29,13 +29,13 @@ from torch.distributed.tensor import DTensor
 from torch_ucp import _compat
 from torch_ucp.errors import PatternError, SavePlanError
 from torch_ucp.metadata.dtypes import name_to_dtype
-from torch_ucp.metadata.placements import mesh_info, whole_box
+from torch_ucp.metadata.placements import mesh_info, narrow, whole_box
 from torch_ucp.metadata.provenance import PlannerData
 from torch_ucp.metadata.schema import DimMap, SaveLayout, TensorEntry
 from torch_ucp.patterns.engine import PatternSet, dim_map_for, logical_shape, map_box
 from torch_ucp.planner import sharded_tensor
 from torch_ucp.planner.global_plan import GlobalPlan, StateDictMetadata, plan_globally
-from torch_ucp.planner.layout import Box, dtensor_boxes, narrow, placements_of
+from torch_ucp.planner.layout import Box, dtensor_boxes, placements_of
 from torch_ucp.planner.plan_table import (
     BYTES,
     SHARDED,

@@ -26,6 +26,7 @@ from torch_ucp.metadata.catalog import Fragment, FragmentCatalog
 from torch_ucp.metadata.checksums import BlockGrid
 from torch_ucp.metadata.dcp import CatalogStateDict, catalog_metadata
 from torch_ucp.metadata.header import decode_metadata
+from torch_ucp.metadata.placements import narrow
 from torch_ucp.metadata.schema import METADATA_FILE, CheckpointMetadata, IndexRef, ValueEntry
 from torch_ucp.metadata.values import decode_value
 from torch_ucp.storage import stock_options
@@ -396,23 +397,26 @@ class UCPReader(StorageReader):
                 )
         except Exception as e:  # noqa: BLE001 - raised after the shared reads ran
             error = e
-        local: Pending[None] | None = None
-        pool = ThreadPoolExecutor(1, thread_name_prefix="ucp-local-reads")
-        try:
-            if error is None and reads:  # overlapped with the shared reads
-                local = pool.submit(self._read_boxes, reads, meta)
-            if schedule:
+        if not schedule:  # nothing shared: this rank reads everything itself
+            if error is None and reads:
+                self._read_boxes(reads, meta)
+        else:
+            local: Pending[None] | None = None
+            pool = ThreadPoolExecutor(1, thread_name_prefix="ucp-local-reads")
+            try:
+                if error is None and reads:  # overlapped with the shared reads
+                    local = pool.submit(self._read_boxes, reads, meta)
                 try:
                     self._read_shared(schedule, shared, catalog, planner, planner_lock, loaded, error)
                 except Exception as e:  # noqa: BLE001
                     error = error or e
-            if local is not None:
-                try:
-                    local.result()
-                except Exception as e:  # noqa: BLE001
-                    error = error or e
-        finally:
-            pool.shutdown(wait=True)
+                if local is not None:
+                    try:
+                        local.result()
+                    except Exception as e:  # noqa: BLE001
+                        error = error or e
+            finally:
+                pool.shutdown(wait=True)
         if error is not None:
             raise error
         for item in values:
@@ -481,7 +485,7 @@ class UCPReader(StorageReader):
                 src = payload[p.at : p.at + p.nbytes].view(meta.tensors[p.box[0]].dtype).reshape(p.lengths)
                 rel = [o - b for o, b in zip(p.offsets, p.box[1])]
                 for _, dest in targets[p.box]:
-                    _narrow(dest, rel, p.lengths).copy_(src)
+                    narrow(dest, rel, p.lengths).copy_(src)
                 with self._stats_lock:
                     self.stats.bytes_needed += p.nbytes * len(targets[p.box])
                 parts_left[p.box] -= 1
@@ -552,13 +556,6 @@ def _transport(group: dist.ProcessGroup | None) -> str | None:
     if "nccl" in backend and torch.cuda.is_available():
         return "cuda"
     return None
-
-
-def _narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
-    for d, (o, n) in enumerate(zip(offsets, lengths)):
-        if o or n != t.shape[d]:
-            t = t.narrow(d, o, n)
-    return t
 
 
 def _fragment(catalog: FragmentCatalog, index: MetadataIndex, url: str) -> Fragment:
