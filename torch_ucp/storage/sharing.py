@@ -22,6 +22,7 @@ them: replicas plan identical boxes, which is what this shares.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,31 +79,94 @@ def summarize(rank: int, group_size: int, items: Sequence[ReadItem], position: d
 
 @dataclass(frozen=True)
 class ShareSet:
-    """Ranks (``members``, global, sorted) that need the same boxes of ``tensors`` (positions)."""
+    """Ranks (``members``, global, ascending) that need the same boxes of ``tensors`` (positions).
+
+    ``members`` is a ``range`` where the ranks are evenly spaced (replica groups of a mesh: all
+    of them, or one rank every DP stride), so what a rank is sent does not grow with the world.
+    """
 
     id: int
-    members: tuple[int, ...]
+    members: range | tuple[int, ...]
     tensors: frozenset[int]
+
+
+def _members(ranks: list[int]) -> range | tuple[int, ...]:
+    """``ranks`` (ascending) as a ``range`` where evenly spaced, else as a tuple."""
+    step = ranks[1] - ranks[0]
+    if all(b - a == step for a, b in zip(ranks, ranks[1:])):
+        return range(ranks[0], ranks[-1] + 1, step)
+    return tuple(ranks)
+
+
+_WEIGHT_SEED = 0x5EED5E75
+"""Seed of the per-rank weights of the member-list fingerprint (fixed: a plan is reproducible)."""
 
 
 def plan_sharing(requests: Sequence[object], group_size: int) -> list[list[ShareSet]] | None:
     """The coordinator's step: the share sets of every rank (in process-group order), or
     ``None`` where the load cannot share: fewer than two ranks, a rank that does not ask to
-    share, or a reader whose process group is not the one ``dcp.load`` runs on."""
+    share, or a reader whose process group is not the one ``dcp.load`` runs on.
+
+    Vectorized over every rank's (tensor, digest) pairs: one sort groups the ranks needing the
+    same boxes of a tensor, a fingerprint of each group's rank list (checked exactly) groups the
+    tensors needed by the same ranks. Python touches only the distinct sets."""
     if group_size < 2 or not all(isinstance(r, ShareRequest) for r in requests):
         return None
     found = [r for r in requests if isinstance(r, ShareRequest)]
     if any(r.group_size != group_size for r in found) or len({r.rank for r in found}) != len(found):
         return None
-    holders: dict[tuple[int, int], list[int]] = {}
-    for r in found:
-        for t, d in zip(r.tensors.tolist(), r.digests.tolist()):
-            holders.setdefault((t, d), []).append(r.rank)
-    by_members: dict[tuple[int, ...], set[int]] = {}
-    for (t, _), ranks in holders.items():
-        if len(ranks) > 1:
-            by_members.setdefault(tuple(sorted(ranks)), set()).add(t)
-    sets = [ShareSet(i, members, frozenset(by_members[members])) for i, members in enumerate(sorted(by_members))]
+    by_rank = sorted(found, key=lambda r: r.rank)
+    counts = np.array([len(r.tensors) for r in by_rank], dtype=np.int64)
+    if counts.sum() == 0:
+        return [[] for _ in found]
+    tensors = np.concatenate([np.asarray(r.tensors, dtype=np.int64) for r in by_rank])
+    digests = np.concatenate([np.asarray(r.digests, dtype=np.uint64) for r in by_rank])
+    ranks = np.repeat(np.arange(len(by_rank), dtype=np.int64), counts)  # indexes into by_rank
+    del counts
+    # Sort by (tensor, digest); lexsort is stable, so each group's ranks stay ascending.
+    order = np.lexsort((digests, tensors))
+    tensors, digests, ranks = tensors[order], digests[order], ranks[order]
+    del order
+    new = np.empty(len(tensors), dtype=bool)
+    new[0] = True
+    new[1:] = (tensors[1:] != tensors[:-1]) | (digests[1:] != digests[:-1])
+    del digests
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, len(tensors)))
+    shared = sizes > 1  # a (tensor, boxes) needed by one rank only is read by it
+    keep = shared[np.cumsum(new) - 1]
+    del new
+    tensors, ranks = tensors[keep], ranks[keep]
+    del keep
+    starts, sizes = starts[shared], sizes[shared]
+    if len(starts) == 0:
+        return [[] for _ in found]
+    starts = np.cumsum(np.concatenate(([0], sizes[:-1])))  # in the kept arrays
+    group_of = np.repeat(np.arange(len(starts)), sizes)
+    # Fingerprint of each group's rank list: a sum of random 64-bit weights (wrapping).
+    weights = np.random.default_rng(_WEIGHT_SEED).integers(0, 2**64, size=len(by_rank), dtype=np.uint64)
+    fingerprint = np.add.reduceat(weights[ranks], starts) ^ sizes.astype(np.uint64)
+    _, first, kind = np.unique(fingerprint, return_index=True, return_inverse=True)
+    kind = kind.reshape(-1)
+    # Exact check: every group has the same ranks as the first group of its fingerprint.
+    rep = first[kind]
+    if not np.array_equal(sizes, sizes[rep]):
+        return None  # fingerprint collision (about 2**-64 a pair): read without sharing
+    within = np.arange(len(ranks)) - starts[group_of]
+    if not np.array_equal(ranks, ranks[starts[rep][group_of] + within]):
+        return None
+    # The distinct sets, by their ranks (ascending, as tuples compare): the ids of the plan.
+    rank_of = np.array([r.rank for r in by_rank], dtype=np.int64)
+    distinct = [rank_of[ranks[starts[g] : starts[g] + sizes[g]]].tolist() for g in first]
+    by_members = sorted(range(len(distinct)), key=lambda k: distinct[k])
+    set_id = np.empty(len(distinct), dtype=np.int64)
+    set_id[by_members] = np.arange(len(distinct))
+    group_set = set_id[kind]
+    by_set = np.argsort(group_set, kind="stable")
+    bounds = np.searchsorted(group_set[by_set], np.arange(len(distinct) + 1))
+    set_tensors = tensors[starts][by_set]
+    sets = [ShareSet(i, _members(distinct[k]), frozenset(set_tensors[bounds[i] : bounds[i + 1]].tolist()))
+            for i, k in enumerate(by_members)]
     mine: dict[int, list[ShareSet]] = {r.rank: [] for r in found}
     for s in sets:
         for m in s.members:
@@ -172,17 +236,26 @@ def set_messages(
     bytes so far (the lowest rank on ties), each member's parts packed in order into messages
     of at most ``message_bytes``, the members' messages taken in turn."""
     members = share_set.members
-    load = dict.fromkeys(members, 0)
-    mine: dict[int, list[tuple[Box, tuple[int, ...], tuple[int, ...], int]]] = {m: [] for m in members}
+    # (bytes dealt, rank) of the members dealt something, and the rest in rank order: the next
+    # part goes to the least of both (a heap, so dealing is O(log members) a part).
+    dealt: list[tuple[int, int]] = []
+    idle = iter(members)
+    waiting = next(idle, None)
+    mine: dict[int, list[tuple[Box, tuple[int, ...], tuple[int, ...], int]]] = {}
     for box in sorted(set(boxes)):
         size = itemsize(box[0])
         for offsets, lengths in split_box(box[1], box[2], size, message_bytes):
             nbytes = math.prod(lengths) * size
-            reader = min(members, key=lambda m: (load[m], m))
-            load[reader] += nbytes
-            mine[reader].append((box, offsets, lengths, nbytes))
-    batches: dict[int, list[list[Part]]] = {m: [] for m in members}
-    for reader in members:
+            if waiting is not None and (not dealt or (0, waiting) < dealt[0]):
+                load, reader = 0, waiting
+                waiting = next(idle, None)
+            else:
+                load, reader = heapq.heappop(dealt)
+            heapq.heappush(dealt, (load + nbytes, reader))
+            mine.setdefault(reader, []).append((box, offsets, lengths, nbytes))
+    readers = sorted(mine)  # members with parts, in the set's order
+    batches: dict[int, list[list[Part]]] = {m: [] for m in readers}
+    for reader in readers:
         at = 0
         for box, offsets, lengths, nbytes in mine[reader]:
             if not batches[reader] or (at + nbytes > message_bytes and batches[reader][-1]):
@@ -195,8 +268,8 @@ def set_messages(
     # ahead at once. (Reader by reader, a member would hold its own reads until the members
     # before it had sent all theirs, and once those filled its memory bound it read no further.)
     messages: list[Message] = []
-    for k in range(max(len(b) for b in batches.values())):
-        for reader in members:
+    for k in range(max((len(b) for b in batches.values()), default=0)):
+        for reader in readers:
             if k < len(batches[reader]):
                 batch = batches[reader][k]
                 end = batch[-1].at + batch[-1].nbytes
