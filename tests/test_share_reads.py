@@ -252,6 +252,10 @@ def test_the_coordinator_groups_like_the_plain_definition() -> None:
     for r in ranks:
         tensors = np.flatnonzero(rng.random(40) < 0.8)
         requests.append(ShareRequest(r, len(ranks), tensors, rng.integers(0, 3, len(tensors)).astype(np.uint64)))
+    for i, r in enumerate([70, 71, 75]):  # replicas: the same request as an earlier rank
+        requests.append(ShareRequest(r, 0, requests[2 * i].tensors, requests[2 * i].digests))
+    ranks += [70, 71, 75]
+    requests = [ShareRequest(q.rank, len(ranks), q.tensors, q.digests) for q in requests]
     holders: dict[tuple[int, int], list[int]] = {}
     for q in requests:
         for t, d in zip(q.tensors.tolist(), q.digests.tolist()):

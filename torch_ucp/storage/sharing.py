@@ -8,10 +8,12 @@ without sending any box to the coordinator (load plans stay on their ranks):
    BLAKE2b digest of the sorted boxes it needs of it (:class:`ShareRequest`: 20 bytes a tensor).
 2. **Sets** (coordinator, ``prepare_global_plan``): ranks with the same digest for a tensor
    need exactly the same boxes of it. Tensors needed by the same list of ranks form one *share
-   set*; every rank gets the sets it is in (:class:`ShareSet`).
+   set*; every rank gets the sets it is in (:class:`ShareSet`), evenly spaced members as a
+   ``range``, so what a rank is sent does not grow with the world size for replica groups.
+   Grouping is vectorized (numpy) over every rank's (tensor, digest) pairs.
 3. **Messages** (each member, ``read_data``): the set's boxes are cut into parts of at most
    ``message_bytes`` (:func:`split_box`), each part dealt to the member dealt the fewest bytes
-   so far, and each member's parts packed into messages (:func:`set_messages`). Every member
+   so far (a heap), and each member's parts packed into messages (:func:`set_messages`). Every member
    computes this from the same boxes, so all agree without exchanging anything more; messages
    run in the order (set, message) on every rank (:mod:`torch_ucp.storage.share_transfer`).
 
@@ -92,9 +94,9 @@ class ShareSet:
 
 def _members(ranks: list[int]) -> range | tuple[int, ...]:
     """``ranks`` (ascending) as a ``range`` where evenly spaced, else as a tuple."""
-    step = ranks[1] - ranks[0]
-    if all(b - a == step for a, b in zip(ranks, ranks[1:])):
-        return range(ranks[0], ranks[-1] + 1, step)
+    steps = np.diff(ranks)
+    if steps[0] > 0 and (steps == steps[0]).all():
+        return range(ranks[0], ranks[-1] + 1, int(steps[0]))
     return tuple(ranks)
 
 
@@ -119,56 +121,71 @@ def plan_sharing(requests: Sequence[object], group_size: int) -> list[list[Share
     ``None`` where the load cannot share: fewer than two ranks, a rank that does not ask to
     share, or a reader whose process group is not the one ``dcp.load`` runs on.
 
-    Vectorized over every rank's (tensor, digest) pairs: one sort groups the ranks needing the
-    same boxes of a tensor, a fingerprint of each group's rank list (checked exactly) groups the
-    tensors needed by the same ranks. Python touches only the distinct sets."""
+    Vectorized: ranks with equal requests form a class; one sort over the classes' (tensor,
+    digest) pairs groups the classes needing the same boxes of a tensor, and a fingerprint of
+    each group's class list (checked exactly) groups the tensors needed by the same ranks.
+    Python touches only the ranks' requests and the distinct sets."""
     if group_size < 2 or not all(isinstance(r, ShareRequest) for r in requests):
         return None
     found = [r for r in requests if isinstance(r, ShareRequest)]
     if any(r.group_size != group_size for r in found) or len({r.rank for r in found}) != len(found):
         return None
-    by_rank = sorted(found, key=lambda r: r.rank)
-    counts = np.array([len(r.tensors) for r in by_rank], dtype=np.int64)
+    # Ranks asking for exactly the same (replicas, mostly) form one class: the sort below runs
+    # over one request a class (DP: one in all; HSDP: one a replica group).
+    classes: dict[bytes, int] = {}
+    reps: list[ShareRequest] = []
+    class_ranks: list[list[int]] = []
+    for r in sorted(found, key=lambda r: r.rank):
+        key = np.asarray(r.tensors, dtype=np.int64).tobytes() + np.asarray(r.digests, dtype=np.uint64).tobytes()
+        k = classes.setdefault(key, len(reps))
+        if k == len(reps):
+            reps.append(r)
+            class_ranks.append([])
+        class_ranks[k].append(r.rank)
+    del classes
+    counts = np.array([len(r.tensors) for r in reps], dtype=np.int64)
     if counts.sum() == 0:
         return [[] for _ in found]
-    tensors = np.concatenate([np.asarray(r.tensors, dtype=np.int64) for r in by_rank])
-    digests = np.concatenate([np.asarray(r.digests, dtype=np.uint64) for r in by_rank])
-    ranks = np.repeat(np.arange(len(by_rank), dtype=np.int32), counts)  # indexes into by_rank
+    tensors = np.concatenate([np.asarray(r.tensors, dtype=np.int64) for r in reps])
+    digests = np.concatenate([np.asarray(r.digests, dtype=np.uint64) for r in reps])
+    owners = np.repeat(np.arange(len(reps), dtype=np.int32), counts)  # the class of each pair
     del counts
     order = _pair_order(tensors, digests)
-    tensors, digests, ranks = tensors[order], digests[order], ranks[order]
+    tensors, digests, owners = tensors[order], digests[order], owners[order]
     del order
     new = np.empty(len(tensors), dtype=bool)
     new[0] = True
     new[1:] = (tensors[1:] != tensors[:-1]) | (digests[1:] != digests[:-1])
     del digests
     starts = np.flatnonzero(new)
-    sizes = np.diff(np.append(starts, len(tensors)))
-    shared = sizes > 1  # a (tensor, boxes) needed by one rank only is read by it
+    sizes = np.diff(np.append(starts, len(tensors)))  # classes in each group
+    class_size = np.array([len(c) for c in class_ranks], dtype=np.int64)
+    shared = np.add.reduceat(class_size[owners], starts) > 1  # else one rank needs it: it reads it
     keep = shared[np.cumsum(new) - 1]
     del new
-    tensors, ranks = tensors[keep], ranks[keep]
+    tensors, owners = tensors[keep], owners[keep]
     del keep
-    starts, sizes = starts[shared], sizes[shared]
-    if len(starts) == 0:
+    sizes = sizes[shared]
+    if len(sizes) == 0:
         return [[] for _ in found]
     starts = np.cumsum(np.concatenate(([0], sizes[:-1])))  # in the kept arrays
     group_of = np.repeat(np.arange(len(starts)), sizes)
-    # Fingerprint of each group's rank list: a sum of random 64-bit weights (wrapping).
-    weights = np.random.default_rng(_WEIGHT_SEED).integers(0, 2**64, size=len(by_rank), dtype=np.uint64)
-    fingerprint = np.add.reduceat(weights[ranks], starts) ^ sizes.astype(np.uint64)
+    # Fingerprint of each group's class list: a sum of random 64-bit weights (wrapping).
+    weights = np.random.default_rng(_WEIGHT_SEED).integers(0, 2**64, size=len(reps), dtype=np.uint64)
+    fingerprint = np.add.reduceat(weights[owners], starts) ^ sizes.astype(np.uint64)
     _, first, kind = np.unique(fingerprint, return_index=True, return_inverse=True)
     kind = kind.reshape(-1)
-    # Exact check: every group has the same ranks as the first group of its fingerprint.
+    # Exact check: every group has the same classes as the first group of its fingerprint.
     rep = first[kind]
     if not np.array_equal(sizes, sizes[rep]):
         return None  # fingerprint collision (about 2**-64 a pair): read without sharing
-    within = np.arange(len(ranks)) - starts[group_of]
-    if not np.array_equal(ranks, ranks[starts[rep][group_of] + within]):
+    within = np.arange(len(owners)) - starts[group_of]
+    if not np.array_equal(owners, owners[starts[rep][group_of] + within]):
         return None
+    del group_of, within, rep
     # The distinct sets, by their ranks (ascending, as tuples compare): the ids of the plan.
-    rank_of = np.array([r.rank for r in by_rank], dtype=np.int64)
-    distinct = [rank_of[ranks[starts[g] : starts[g] + sizes[g]]].tolist() for g in first]
+    distinct = [sorted(m for c in owners[starts[g] : starts[g] + sizes[g]].tolist() for m in class_ranks[c])
+                for g in first]
     by_members = sorted(range(len(distinct)), key=lambda k: distinct[k])
     set_id = np.empty(len(distinct), dtype=np.int64)
     set_id[by_members] = np.arange(len(distinct))
@@ -203,7 +220,7 @@ class Message:
 
     order: tuple[int, int]
     reader: int
-    members: tuple[int, ...]
+    members: range | tuple[int, ...]
     parts: tuple[Part, ...]
     nbytes: int
 
