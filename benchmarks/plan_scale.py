@@ -2,7 +2,8 @@
 16,384 simulated ranks, driving the real planner, writer and reader code.
 
     python benchmarks/plan_scale.py [--ranks 1024 2048 4096 8192] [--tp 8] [--json FILE]
-                                    [--stock-max-ranks 256] [--dir DIR]
+                                    [--stock-max-ranks 256] [--dir DIR] [--share [hsdp dp]]
+    python benchmarks/plan_scale.py --ranks 1024 8192 --share-only      # the share rows alone
 
 State: FSDP x TP (TP colwise/rowwise, FSDP on dim 0, norms TP-replicated; AdamW ``exp_avg`` and
 ``exp_avg_sq`` per parameter and a replicated ``step``), bf16. For every rank count:
@@ -31,6 +32,13 @@ State: FSDP x TP (TP colwise/rowwise, FSDP on dim 0, norms TP-replicated; AdamW 
 5. **Stock DCP** beside it up to ``--stock-max-ranks``: ``DefaultSavePlanner`` global plan, the
    pickled ``Metadata`` (written as ``.metadata``, broadcast at the end of the save, and read and
    unpickled whole by every loading rank), and ``DefaultLoadPlanner`` on it.
+6. **Read once, share** (``--share``, ``--share-only``; a separate table): every loading rank's
+   share request (``UCPReader.prepare_local_plan``'s, digests from ``summarize`` itself) for an
+   HSDP load (2 replicas of FSDP x TP=4) or a DP load (every tensor whole on every rank),
+   pickled as DCP gathers it; a fresh coordinator process runs ``UCPReader.prepare_global_plan``
+   with ``share_reads=True`` (seconds, peak memory above the gathered plans), the pickled
+   assignment of each rank (largest, and all together: DCP's scatter), and two ranks compute
+   their schedules (``set_messages`` over their sets, as ``read_data`` does).
 """
 
 from __future__ import annotations
