@@ -2,7 +2,8 @@
 16,384 simulated ranks, driving the real planner, writer and reader code.
 
     python benchmarks/plan_scale.py [--ranks 1024 2048 4096 8192] [--tp 8] [--json FILE]
-                                    [--stock-max-ranks 256] [--dir DIR]
+                                    [--stock-max-ranks 256] [--dir DIR] [--share [hsdp dp]]
+    python benchmarks/plan_scale.py --ranks 1024 8192 --share-only      # the share rows alone
 
 State: FSDP x TP (TP colwise/rowwise, FSDP on dim 0, norms TP-replicated; AdamW ``exp_avg`` and
 ``exp_avg_sq`` per parameter and a replicated ``step``), bf16. For every rank count:
@@ -31,6 +32,13 @@ State: FSDP x TP (TP colwise/rowwise, FSDP on dim 0, norms TP-replicated; AdamW 
 5. **Stock DCP** beside it up to ``--stock-max-ranks``: ``DefaultSavePlanner`` global plan, the
    pickled ``Metadata`` (written as ``.metadata``, broadcast at the end of the save, and read and
    unpickled whole by every loading rank), and ``DefaultLoadPlanner`` on it.
+6. **Read once, share** (``--share``, ``--share-only``; a separate table): every loading rank's
+   share request (``UCPReader.prepare_local_plan``'s, digests from ``summarize`` itself) for an
+   HSDP load (2 replicas of FSDP x TP=4) or a DP load (every tensor whole on every rank),
+   pickled as DCP gathers it; a fresh coordinator process runs ``UCPReader.prepare_global_plan``
+   with ``share_reads=True`` (seconds, peak memory above the gathered plans), the pickled
+   assignment of each rank (largest, and all together: DCP's scatter), and two ranks compute
+   their schedules (``set_messages`` over their sets, as ``read_data`` does).
 """
 
 from __future__ import annotations
@@ -440,6 +448,163 @@ def stock_dcp(work: str, synthetic: SyntheticPlans) -> dict:
             "stock_all_ranks_metadata_bytes_read": len(blob) * synthetic.ranks}
 
 
+# --------------------------------------------------------------------- read once, share (issue 15)
+SHARE_LAYOUTS = {
+    "hsdp": "HSDP: 2 replicas of FSDP x TP=4 (a rank shares its shards with its replica, TP-replicated "
+            "norm shards with 8 ranks, steps with all)",
+    "dp": "DP: every rank loads every tensor whole (one set of all ranks)",
+}
+
+
+def share_requests(ranks: int, layout: str, params) -> list[bytes]:
+    """Every loading rank's ``LoadPlan.storage_data`` with ``share_reads`` on, pickled as DCP's
+    gather sends it. Digests come from :func:`~torch_ucp.storage.sharing.summarize` itself, once
+    per distinct (box kind, replica-local rank): ranks of one kind hold boxes alike."""
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    from torch_ucp.storage.reader import _LocalRequest
+    from torch_ucp.storage.sharing import ShareRequest, summarize
+
+    def digest(offsets, lengths) -> int:
+        index = MetadataIndex("t", tuple(offsets))
+        item = ReadItem(LoadItemType.TENSOR, index, (0,) * len(offsets), index, (0,) * len(offsets), tuple(lengths))
+        return int(summarize(0, ranks, [item], {"t": 0}).digests[0])
+
+    keys = state_keys(params)
+    whole = {shape: digest((0,) * len(shape), shape) for _, shape, _ in keys}
+    if layout == "dp":
+        table = np.array([whole[shape] for _, shape, _ in keys], dtype=np.uint64)[:, None]
+        local = np.zeros(ranks, dtype=np.int64)
+        held = np.ones((len(keys), 1), dtype=bool)
+    else:
+        replica = SyntheticPlans(ranks // 2, 4, params)
+        kinds = {}
+        for _, shape, style in keys:
+            if style != "step" and (shape, style) not in kinds:
+                off, length = replica._boxes[(shape, style)]
+                kinds[(shape, style)] = [digest(o, n) for o, n in zip(off.tolist(), length.tolist())]
+        table = np.array([[whole[shape]] * (ranks // 2) if style == "step" else kinds[(shape, style)]
+                          for _, shape, style in keys], dtype=np.uint64)
+        local = np.arange(ranks) % (ranks // 2)
+        held = np.zeros((len(keys), ranks // 2), dtype=bool)
+        held[:, :] = [[True] * (ranks // 2) if style == "step" else
+                      (replica._boxes[(shape, style)][1].prod(axis=1) > 0).tolist() for _, shape, style in keys]
+    positions = np.arange(len(keys), dtype=np.int64)
+    out = []
+    for r in range(ranks):  # a rank with an empty shard of a tensor has no read item of it
+        mine = held[:, local[r]]
+        request = ShareRequest(r, ranks, positions[mine], table[mine, local[r]])
+        out.append(pickle.dumps(LoadPlan([], storage_data=_LocalRequest(None, request))))
+    return out
+
+
+def share_boxes(ranks: int, layout: str, rank: int, params):
+    """``rank``'s read boxes per tensor position and each tensor's item size, for the schedule."""
+    keys = state_keys(params)
+    itemsize = {key: 4 if style == "step" else 2 for key, _, style in keys}
+    if layout == "dp":
+        return [(key, (0,) * len(shape), tuple(shape)) for key, shape, _ in keys], itemsize
+    replica, q = SyntheticPlans(ranks // 2, 4, params), rank % (ranks // 2)
+    boxes = []
+    for key, shape, style in keys:
+        if style == "step":
+            boxes.append((key, (), ()))
+        else:
+            off, length = replica._boxes[(shape, style)]
+            boxes.append((key, tuple(off[q].tolist()), tuple(length[q].tolist())))
+    return boxes, itemsize
+
+
+def share_coordinator(work: str, ranks: int, layout: str) -> None:
+    """Child process: ``UCPReader.prepare_global_plan`` with ``share_reads`` on, on every rank's
+    pickled plan (``share_plan_s``; ``share_peak_mib`` its memory above the unpickled plans);
+    then two ranks' schedules (``set_messages`` for every set they are in)."""
+    from torch_ucp import UCPReader
+    from torch_ucp.storage.sharing import set_messages
+
+    with open(os.path.join(work, "share.pkl"), "rb") as f:
+        wire = pickle.load(f)
+    plans = [pickle.loads(w) for w in wire]
+    gathered = sum(len(w) for w in wire)
+    del wire
+    gc.collect()
+    _reset_peak()
+    base = _rss_mib()
+    t0 = time.perf_counter()
+    out = UCPReader(share_reads=True).prepare_global_plan(plans)
+    plan_s = time.perf_counter() - t0
+    peak = _peak_mib() - base
+    sizes = [len(pickle.dumps(p.storage_data)) for p in out]
+    record = {"share_gather_bytes": gathered, "share_plan_s": plan_s, "share_peak_mib": peak,
+              "share_assign_max_bytes": max(sizes), "share_scatter_bytes": sum(sizes)}
+    params = llama70b_params()
+    for name, rank in (("first", 0), ("mid", ranks // 2 + 3)):
+        boxes, itemsize = share_boxes(ranks, layout, rank, params)
+        coordinated = out[rank].storage_data
+        t0 = time.perf_counter()
+        messages = 0
+        for share_set in coordinated.share:
+            mine = [boxes[t] for t in sorted(share_set.tensors)]  # every set's tensors are held
+            messages += len(set_messages(share_set, mine, itemsize.__getitem__, coordinated.message_bytes))
+        record[f"share_schedule_{name}_s"] = time.perf_counter() - t0
+        record[f"share_messages_{name}"] = messages
+    record["share_sets"] = len({s.id for p in out for s in p.storage_data.share})
+    _emit(record)
+
+
+def run_share(ranks: int, layout: str, base: str) -> dict:
+    work = tempfile.mkdtemp(prefix=f"plan-scale-share-{ranks}-", dir=base)
+    try:
+        wire = share_requests(ranks, layout, llama70b_params())
+        with open(os.path.join(work, "share.pkl"), "wb") as f:
+            pickle.dump(wire, f)
+        del wire
+        return {"ranks": ranks, "layout": layout, **_child("share", work, str(ranks), layout)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+SHARE_COLUMNS = [
+    ("ranks", "ranks", "{:d}"),
+    ("layout", "layout", "{}"),
+    ("share_sets", "sets", "{:,d}"),
+    ("share_gather_bytes", "gather MB", "{:.1f}", 1e6),
+    ("share_plan_s", "plan s", "{:.2f}"),
+    ("share_peak_mib", "coord +MiB", "{:,.0f}"),
+    ("share_assign_max_bytes", "rank KB", "{:.1f}", 1e3),
+    ("share_scatter_bytes", "scatter MB", "{:.1f}", 1e6),
+    ("share_messages_first", "msgs r0", "{:,d}"),
+    ("share_schedule_first_s", "sched r0 s", "{:.3f}"),
+    ("share_schedule_mid_s", "sched mid s", "{:.3f}"),
+]
+
+
+def share_table(ranks_list: list[int], layouts: list[str], base: str) -> list[dict]:
+    """Print the share-planning rows (one per rank count and layout); returns their records."""
+    print("\nRead once, share: planning with share_reads on (UCPReader.prepare_global_plan, then "
+          "set_messages on two ranks)")
+    for layout in layouts:
+        print(f"  {layout}: {SHARE_LAYOUTS[layout]}")
+    head = "".join(f"{h:>{_width(h)}}" for _, h, *_ in SHARE_COLUMNS)
+    print(head)
+    print("-" * len(head))
+    records = []
+    for ranks in ranks_list:
+        for layout in layouts:
+            record = run_share(ranks, layout, base)
+            records.append(record)
+            cells = []
+            for key, heading, fmt, *div in SHARE_COLUMNS:
+                value = record[key] / div[0] if div else record[key]
+                cells.append(f"{fmt.format(value):>{_width(heading)}}")
+            print("".join(cells), flush=True)
+    print("gather: the ranks' pickled share requests; plan s / coord +MiB: the coordinator's "
+          "prepare_global_plan and its peak memory above the gathered plans; rank KB: the largest "
+          "rank's pickled assignment; scatter: all ranks' together; sched: one rank's schedule "
+          "(rank 0, and rank ranks/2+3)")
+    return records
+
+
 def _contiguous_stride(shape) -> tuple[int, ...]:
     stride, out = 1, []
     for n in reversed(shape):
@@ -537,14 +702,26 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=32, help="loading ranks routed exactly for the all-ranks sum")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where to write the checkpoints' metadata")
     p.add_argument("--json", help="write one JSON record per rank count to this file")
+    p.add_argument("--share", nargs="*", choices=sorted(SHARE_LAYOUTS), default=None,
+                   help="also measure share planning (read once, share) for these layouts (default: all)")
+    p.add_argument("--share-only", action="store_true", help="run only the share-planning rows")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         stage, work, *rest = args.child
         if stage == "coordinator":
             coordinator(work)
+        elif stage == "share":
+            share_coordinator(work, int(rest[0]), rest[1])
         elif stage == "load":
             load_one_rank(work, int(rest[0]), int(rest[1]), int(rest[2]), rest[3] == "1")
+        return 0
+    share_layouts = args.share or sorted(SHARE_LAYOUTS) if args.share is not None or args.share_only else []
+    if args.share_only:
+        records = share_table(args.ranks, share_layouts, args.dir)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
         return 0
     params = llama70b_params()
     print(f"Llama-70B shape: {len(params)} parameters -> {4 * len(params)} saved tensors per rank "
@@ -574,6 +751,8 @@ def main() -> int:
           "prepare_global_plan); commit s: unpickle every rank's write result + UCPWriter.finish; "
           "coord MiB: coordinator peak RSS (process incl. torch); ld *: one loading rank; all read: "
           "metadata bytes read by all loading ranks together")
+    if share_layouts:
+        records += share_table(args.ranks, share_layouts, args.dir)
     if args.json:
         with open(args.json, "w") as f:
             for r in records:

@@ -229,7 +229,7 @@ def test_the_coordinator_groups_ranks_with_the_same_boxes() -> None:
                 for r in range(4)]
     sets = plan_sharing(requests, 4)
     assert sets is not None
-    assert [[(s.members, sorted(s.tensors)) for s in mine] for mine in sets] == [
+    assert [[(tuple(s.members), sorted(s.tensors)) for s in mine] for mine in sets] == [
         [((0, 1, 2, 3), [1]), ((0, 2), [0])],
         [((0, 1, 2, 3), [1]), ((1, 3), [0])],
         [((0, 1, 2, 3), [1]), ((0, 2), [0])],
@@ -237,6 +237,65 @@ def test_the_coordinator_groups_ranks_with_the_same_boxes() -> None:
     ]
     assert plan_sharing(requests[:3] + [None], 4) is None  # a rank that does not share
     assert plan_sharing(requests, 8) is None  # the reader's group is not dcp.load's
+
+
+def test_the_coordinator_groups_like_the_plain_definition() -> None:
+    """Random requests (a subgroup's global ranks, tensors needed by a random subset with a
+    random choice of boxes): the sets are the plain definition's (ranks with the same digest
+    for a tensor, tensors grouped by those ranks, ids in the order of the sorted rank lists),
+    evenly spaced ranks sent as a ``range``."""
+    from torch_ucp.storage.sharing import ShareRequest
+
+    rng = np.random.default_rng(3)
+    ranks = [5 + 3 * i for i in range(12)] + [50, 51, 60]
+    requests = []
+    for r in ranks:
+        tensors = np.flatnonzero(rng.random(40) < 0.8)
+        requests.append(ShareRequest(r, len(ranks), tensors, rng.integers(0, 3, len(tensors)).astype(np.uint64)))
+    for i, r in enumerate([70, 71, 75]):  # replicas: the same request as an earlier rank
+        requests.append(ShareRequest(r, 0, requests[2 * i].tensors, requests[2 * i].digests))
+    ranks += [70, 71, 75]
+    requests = [ShareRequest(q.rank, len(ranks), q.tensors, q.digests) for q in requests]
+    holders: dict[tuple[int, int], list[int]] = {}
+    for q in requests:
+        for t, d in zip(q.tensors.tolist(), q.digests.tolist()):
+            holders.setdefault((t, d), []).append(q.rank)
+    by_members: dict[tuple[int, ...], set[int]] = {}
+    for (t, _), holding in holders.items():
+        if len(holding) > 1:
+            by_members.setdefault(tuple(sorted(holding)), set()).add(t)
+    expected = {r: [] for r in ranks}
+    for i, members in enumerate(sorted(by_members)):
+        for m in members:
+            expected[m].append((i, members, by_members[members]))
+    sets = plan_sharing(list(reversed(requests)), len(ranks))
+    assert sets is not None
+    got = {q.rank: [(s.id, tuple(s.members), set(s.tensors)) for s in mine] for q, mine in zip(reversed(requests), sets)}
+    assert got == expected
+    kinds = {type(s.members) for mine in sets for s in mine}
+    assert kinds == {range, tuple}, kinds  # the 3-spaced ranks as a range, the rest listed
+
+
+def test_dealing_is_the_least_loaded_member_first() -> None:
+    """The heap deal equals the plain rule (each part to the member dealt the fewest bytes so
+    far, lowest rank on ties), uneven part sizes and empty parts included."""
+    import math as _math
+
+    share_set = ShareSet(0, (2, 3, 7, 9, 11), frozenset({0}))
+    boxes = [("a", (0, 0), (37, 100)), ("b", (0,), (0,)), ("c", (0, 0), (5, 1000)), ("d", (0,), (3,))]
+    size = {"a": 4, "b": 4, "c": 2, "d": 8}
+    messages = set_messages(share_set, boxes, size.__getitem__, 1000)
+    load = dict.fromkeys(share_set.members, 0)
+    expected = []
+    for box in sorted(boxes):
+        for offsets, lengths in split_box(box[1], box[2], size[box[0]], 1000):
+            reader = min(share_set.members, key=lambda m: (load[m], m))
+            load[reader] += _math.prod(lengths) * size[box[0]]
+            expected.append((reader, box, offsets, lengths))
+    got = [(m.reader, p.box, p.offsets, p.lengths) for m in messages for p in m.parts]
+    assert sorted(got) == sorted(expected)
+    for reader in share_set.members:  # each member's parts in dealing order
+        assert [g for g in got if g[0] == reader] == [e for e in expected if e[0] == reader]
 
 
 def _random_schedule(bounds: list[int]) -> list[dict]:
