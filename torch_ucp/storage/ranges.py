@@ -6,7 +6,7 @@ tuple of those dimensions, each spanning the rest of the box. Zero dimensions me
 bounding the whole box; more dimensions means more, tighter ranges. It takes the fewest ranges
 whose total stays within ``(1 + waste_ratio)`` of the bytes needed::
 
-    fragment 4 x 8, box rows 1..2, cols 2..5        d = 0: one range, rows 1..2 wholly (2x)
+    fragment 4 x 8, box rows 1..2, cols 2..5        d = 0: one range, (1,2) to (2,5): 12 for 8 (1.5x)
     . . . . . . . .                                 d = 1: two ranges of 4 elements (exact)
     . . X X X X . .
     . . X X X X . .
