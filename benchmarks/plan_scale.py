@@ -68,6 +68,8 @@ from torch.distributed.tensor.placement_types import Replicate, Shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from support_measure import reset_peak_rss, status_bytes  # noqa: E402
+
 from torch_ucp import knobs  # noqa: E402
 from torch_ucp.metadata.checksums import BlockGrid, crc32c  # noqa: E402
 from torch_ucp.metadata.fragments import FragmentRows, tensor_key  # noqa: E402
@@ -195,28 +197,11 @@ class SyntheticPlans:
 
 
 def _peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_bytes("VmHWM") / 2**20
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    """Start VmHWM over from the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    return status_bytes("VmRSS") / 2**20
 
 
 # ------------------------------------------------------------------------------- the stages
@@ -260,7 +245,7 @@ def coordinator(work: str) -> None:
     with open(os.path.join(work, "results.pkl"), "rb") as f:
         gathered = f.read()
     gc.collect()
-    _reset_peak()
+    reset_peak_rss()
     t0 = time.perf_counter()
     results = pickle.loads(gathered)
     writer.finish(metadata, results)
@@ -366,7 +351,7 @@ def load_one_rank(work: str, ranks: int, tp: int, rank: int, stock: bool) -> Non
         state = _target_state(ranks, tp, rank, params)
         gc.collect()
         base = _rss_mib()
-        _reset_peak()
+        reset_peak_rss()
         path = os.path.join(work, "stock" if stock else "ckpt")
         t0 = time.perf_counter()
         if stock:
@@ -528,7 +513,7 @@ def share_coordinator(work: str, ranks: int, layout: str) -> None:
     gathered = sum(len(w) for w in wire)
     del wire
     gc.collect()
-    _reset_peak()
+    reset_peak_rss()
     base = _rss_mib()
     t0 = time.perf_counter()
     out = UCPReader(share_reads=True).prepare_global_plan(plans)

@@ -200,7 +200,7 @@ def disk_bandwidth(directory: str, nbytes: int, threads: int = 1) -> DiskBandwid
 # ---------------------------------------------------------------------------------------------
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's ``VmHWM`` to its current RSS (Linux: ``clear_refs`` 5)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -210,7 +210,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``RssFile`` ...), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -221,7 +221,7 @@ def _status_bytes(field: str) -> int:
 
 def _rss_file() -> int:
     """Resident pages of files this process maps (``RssFile``: page cache, reclaimable)."""
-    return _status_bytes("RssFile")
+    return status_bytes("RssFile")
 
 
 class PeakRSSIncrease:
@@ -246,7 +246,7 @@ class PeakRSSIncrease:
         _malloc_trim()
         self._baseline, self._mapped_baseline = _rss(), _rss_file()
         self._mapped = PeakRSS(interval=0.01, read=_rss_file).__enter__()
-        if not _reset_peak_rss():
+        if not reset_peak_rss():
             self._total = PeakRSS(interval=0.005).__enter__()
         return self
 
@@ -257,6 +257,6 @@ class PeakRSSIncrease:
             self._total.__exit__(*exc)
             peak = self._total.peak
         else:
-            peak = _status_bytes("VmHWM")
+            peak = status_bytes("VmHWM")
         self.increase = max(0, peak - self._baseline)
         self.mapped_increase = max(0, self._mapped.peak - self._mapped_baseline)
