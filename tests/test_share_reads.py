@@ -80,7 +80,7 @@ def _load(url: str, kind: str, share: bool, options: dict) -> dict:
     dcp.load(state, storage_reader=reader, planner=UCPLoadPlanner())
     wrong = [n for n, t in state.items() if not torch.equal(t.full_tensor() if isinstance(t, DTensor) else t, _full(n))]
     return {"wrong": wrong, "read": reader.stats.bytes_read, "sent": reader.transfer_stats.bytes_sent,
-            "messages": reader.transfer_stats.messages}
+            "messages": reader.transfer_stats.messages, "in_place": reader.transfer_stats.messages_in_place}
 
 
 def _load_failing(url: str) -> dict:
@@ -149,6 +149,8 @@ def test_replicas_read_every_byte_once_from_local_disk(local: str) -> None:
         assert all(r["read"] > 0 for r in shared), (kind, shared)  # parts dealt to every rank of a set
         assert max(r["read"] for r in shared) <= 1.5 * read_shared / 4 + MESSAGE_BYTES, (kind, shared)
         assert all(r["sent"] == 0 and r["messages"] == 0 for r in alone), (kind, alone)
+        # pieces of "w" (contiguous rows of a local shard) travel in place, packed small tensors buffered
+        assert 0 < sum(r["in_place"] for r in shared) < sum(r["messages"] for r in shared), (kind, shared)
 
 
 def test_a_failing_source_is_named_on_every_rank(local: str, tmp_path) -> None:
@@ -300,7 +302,8 @@ def test_dealing_is_the_least_loaded_member_first() -> None:
 
 def _random_schedule(bounds: list[int]) -> list[dict]:
     """Every rank runs the same random schedule (messages of random sets, readers and sizes)
-    with each of ``bounds`` bytes of buffers: every message arrives intact."""
+    with each of ``bounds`` bytes of buffers, every other message in place (read, sent and
+    received in a target of its own): every message arrives intact, in place where it has one."""
     import random
 
     from torch_ucp.storage.share_transfer import ShareTransfers
@@ -324,20 +327,25 @@ def _random_schedule(bounds: list[int]) -> list[dict]:
     def read(m: Message, payload: torch.Tensor) -> None:
         payload.copy_(content(m))
 
-    got = {}
+    def run(inflight: int) -> dict:
+        got = {}
+        homes = {m.order: torch.zeros(m.nbytes, dtype=torch.uint8) for m in mine if m.order[1] % 2}
 
-    def deliver(m: Message, payload: torch.Tensor) -> None:
-        got[m.order] = torch.equal(payload, content(m))
+        def deliver(m: Message, payload: torch.Tensor) -> None:
+            home = homes.get(m.order)
+            got[m.order] = torch.equal(payload, content(m)) and (home is None or payload.data_ptr() == home.data_ptr())
 
-    out = []
-    for inflight in bounds:
-        got.clear()
-        ShareTransfers(rank, None, torch.device("cpu"), inflight, 3).run(list(reversed(mine)), read, deliver)
-        out.append({"delivered": len(got), "expected": len(mine), "intact": all(got.values())})
-    return out
+        ShareTransfers(rank, None, torch.device("cpu"), inflight, 3).run(
+            list(reversed(mine)), read, deliver, lambda m: homes.get(m.order))
+        filled = all(torch.equal(h, content(m)) for m in mine if (h := homes.get(m.order)) is not None)
+        return {"delivered": len(got), "expected": len(mine), "intact": all(got.values()),
+                "in place": len(homes), "homes filled": filled}
+
+    return [run(inflight) for inflight in bounds]
 
 
 def test_any_schedule_completes_within_any_memory_bound() -> None:
     for per_rank in run_distributed(_random_schedule, 4, [1, 1 << 20]):
         for r in per_rank:
             assert r["delivered"] == r["expected"] > 0 and r["intact"], r
+            assert r["in place"] > 0 and r["homes filled"], r

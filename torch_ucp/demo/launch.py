@@ -26,6 +26,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -55,8 +56,21 @@ def exit_rank(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _intra_op_threads() -> int:
+    """Threads per rank for torch's CPU kernels: ``OMP_NUM_THREADS`` if the caller set it, else 1,
+    as ``torchrun`` does for several processes per node."""
+    value = os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"OMP_NUM_THREADS={value!r}: expected a positive integer") from None
+
+
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Set explicitly: ranks fork from a server that imported torch already, so the environment
+    # variable alone comes too late. Without it every rank runs one OpenMP thread per core,
+    # and on a small host their spinning barriers starve the other ranks.
+    torch.set_num_threads(_intra_op_threads())
     dist.init_process_group(
         "gloo",
         init_method=f"file://{workdir}/rendezvous",

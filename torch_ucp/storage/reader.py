@@ -44,6 +44,7 @@ from torch_ucp.storage.share_transfer import ShareTransfers, TransferStats
 from torch_ucp.storage.sharing import (
     Box,
     Message,
+    Part,
     ShareRequest,
     ShareSet,
     box_of,
@@ -478,6 +479,20 @@ class UCPReader(StorageReader):
                 ))
             self._read_boxes(boxes, meta, for_targets=False)
 
+        def region(p: Part) -> torch.Tensor:
+            """Where part ``p`` goes in the first target of its box."""
+            return narrow(targets[p.box][0][1], [o - b for o, b in zip(p.offsets, p.box[1])], p.lengths)
+
+        def in_place(m: Message) -> torch.Tensor | None:
+            """A one-part message whose region is contiguous, on the CPU, of the saved dtype: it is
+            read, sent and received there (no buffer, no copy)."""
+            if len(m.parts) != 1:
+                return None
+            home = region(m.parts[0])
+            if home.device.type != "cpu" or home.dtype != meta.tensors[m.parts[0].box[0]].dtype or not home.is_contiguous():
+                return None
+            return home.reshape(-1).view(torch.uint8)
+
         def deliver(m: Message, payload: torch.Tensor) -> None:
             if failed is not None:
                 return
@@ -485,7 +500,9 @@ class UCPReader(StorageReader):
                 src = payload[p.at : p.at + p.nbytes].view(meta.tensors[p.box[0]].dtype).reshape(p.lengths)
                 rel = [o - b for o, b in zip(p.offsets, p.box[1])]
                 for _, dest in targets[p.box]:
-                    narrow(dest, rel, p.lengths).copy_(src)
+                    dest = narrow(dest, rel, p.lengths)
+                    if not _same_memory(dest, src):  # an in-place payload is already there
+                        dest.copy_(src)
                 with self._stats_lock:
                     self.stats.bytes_needed += p.nbytes * len(targets[p.box])
                 parts_left[p.box] -= 1
@@ -498,12 +515,13 @@ class UCPReader(StorageReader):
         device = torch.device("cpu") if transport == "cpu" else torch.device("cuda", torch.cuda.current_device())
         engine = ShareTransfers(dist.get_rank(), group, device, knobs.share_inflight_bytes(), knobs.share_read_workers())
         try:
-            engine.run(schedule, read, deliver)
+            engine.run(schedule, read, deliver, in_place)
         finally:
             with self._stats_lock:
                 self.transfer_stats.bytes_sent += engine.stats.bytes_sent
                 self.transfer_stats.bytes_received += engine.stats.bytes_received
                 self.transfer_stats.messages += engine.stats.messages
+                self.transfer_stats.messages_in_place += engine.stats.messages_in_place
 
     def _load_value(
         self, item: ReadItem, entry: ValueEntry, meta: CheckpointMetadata, planner: LoadPlanner
@@ -545,6 +563,11 @@ def share_by_default(store: Store) -> bool:
     stores, off for local disks and NFS)."""
     setting = knobs.share_reads()
     return not store.posix if setting == knobs.SHARE_AUTO else setting == 1
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are the same elements of the same memory."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def _transport(group: dist.ProcessGroup | None) -> str | None:
