@@ -113,14 +113,18 @@ def test_the_default_and_its_knob(tmp_path, monkeypatch) -> None:
 
     local, remote = open_store(str(tmp_path)), open_store("s3://bucket/ckpt", {"anon": True})
     monkeypatch.delenv("TORCH_UCP_SHARE_READS", raising=False)
-    assert not share_by_default(local) and not share_by_default(remote)  # off until it measures faster
-    monkeypatch.setenv("TORCH_UCP_SHARE_READS", "2")
-    assert not share_by_default(local) and share_by_default(remote)
+    for setting in (None, "2"):  # the default: object stores over gloo, where it measures faster
+        if setting:
+            monkeypatch.setenv("TORCH_UCP_SHARE_READS", setting)
+        assert share_by_default(remote, "cpu")
+        assert not share_by_default(local, "cpu") and not share_by_default(remote, "cuda")
+    monkeypatch.setenv("TORCH_UCP_SHARE_READS", "0")
+    assert not any(share_by_default(s, t) for s in (local, remote) for t in ("cpu", "cuda"))
     monkeypatch.setenv("TORCH_UCP_SHARE_READS", "1")
-    assert share_by_default(local) and share_by_default(remote)
+    assert all(share_by_default(s, t) for s in (local, remote) for t in ("cpu", "cuda"))
     monkeypatch.setenv("TORCH_UCP_SHARE_READS", "3")
     with pytest.raises(ValueError, match="TORCH_UCP_SHARE_READS"):
-        share_by_default(local)
+        share_by_default(local, "cpu")
 
 
 # -- local disk -----------------------------------------------------------------------------------

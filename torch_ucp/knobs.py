@@ -77,11 +77,12 @@ SHARE_AUTO = 2
 
 def share_reads() -> int:
     """Whether loading ranks that need the same bytes read them once and share them
-    (:mod:`torch_ucp.storage.sharing`) when ``UCPReader(share_reads=None)``: ``0`` (default) off,
-    ``1`` on, ``2`` on for object stores only (never for local disks and NFS, where one host's
-    page cache already serves a second reader). Off by default until it measures faster: on the
-    2-core CI machine it halves S3's bytes but not its time (docs/PERFORMANCE.md)."""
-    value = _env_int("SHARE_READS", 0)
+    (:mod:`torch_ucp.storage.sharing`) when ``UCPReader(share_reads=None)``: ``0`` off, ``1``
+    on, ``2`` (default) on for object stores over a gloo group: never for local disks and NFS,
+    where one host's page cache already serves a second reader at memory speed, and over NCCL
+    only with ``1`` (not yet measured on a GPU). Measured: from S3 1.1-1.7x faster than reading
+    per replica, from a local disk 0.8-1.1x (docs/PERFORMANCE.md)."""
+    value = _env_int("SHARE_READS", SHARE_AUTO)
     if value not in (0, 1, SHARE_AUTO):
         raise ValueError(f"TORCH_UCP_SHARE_READS={value!r}: expected 0 (off), 1 (on) or 2 (object stores only)")
     return value

@@ -190,8 +190,9 @@ class UCPReader(StorageReader):
             read each of them from storage once and send it to the others over the process
             group, overlapped and within ``TORCH_UCP_SHARE_INFLIGHT_BYTES`` of buffers
             (:mod:`torch_ucp.storage.sharing`). Default (``None``): ``TORCH_UCP_SHARE_READS``
-            (off unless set; ``2``: object stores only). Used only where every rank asks for
-            it and the process group is the one ``dcp.load`` runs on (gloo or NCCL).
+            (``2``, its default: on for object stores over a gloo group; ``1``: everywhere,
+            NCCL groups too; ``0``: off). Used only where every rank asks for it and the
+            process group is the one ``dcp.load`` runs on (gloo or NCCL).
         process_group: the process group ``dcp.load`` runs on (default: the default group);
             ``verify_load`` and ``share_reads`` communicate on it.
         **storage_options: passed to fsspec.
@@ -297,8 +298,11 @@ class UCPReader(StorageReader):
 
     def _share_request(self, plan: LoadPlan) -> ShareRequest | None:
         assert self.store is not None
-        wanted = share_by_default(self.store) if self.share_reads is None else self.share_reads
-        if not wanted or not (dist.is_available() and dist.is_initialized()) or _transport(self.process_group) is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        transport = _transport(self.process_group)
+        wanted = share_by_default(self.store, transport) if self.share_reads is None else self.share_reads
+        if not wanted or transport is None:
             return None
         position = self.catalog().position
         return summarize(dist.get_rank(), dist.get_world_size(self.process_group), plan.items, position)
@@ -558,11 +562,14 @@ class _ReaderPlan:
     message_bytes: int
 
 
-def share_by_default(store: Store) -> bool:
-    """``share_reads=None``: as ``TORCH_UCP_SHARE_READS`` says (default off; ``2``: on for object
-    stores, off for local disks and NFS)."""
+def share_by_default(store: Store, transport: str | None) -> bool:
+    """``share_reads=None``: as ``TORCH_UCP_SHARE_READS`` says. Its default, ``2``, shares where
+    it was measured faster: object stores (not local disks and NFS) over a CPU (gloo) group.
+    Over NCCL (``transport="cuda"``) only ``1`` turns it on: that path has not been measured."""
     setting = knobs.share_reads()
-    return not store.posix if setting == knobs.SHARE_AUTO else setting == 1
+    if setting == knobs.SHARE_AUTO:
+        return not store.posix and transport == "cpu"
+    return setting == 1
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -5,7 +5,7 @@ tensors every rank loads whole) plan the same read boxes. The plan is made insid
 without sending any box to the coordinator (load plans stay on their ranks):
 
 1. **Summary** (each rank, ``prepare_local_plan``): per stored tensor it reads, the 64-bit
-   BLAKE2b digest of the sorted boxes it needs of it (:class:`ShareRequest`: 20 bytes a tensor).
+   BLAKE2b digest of the sorted boxes it needs of it (:class:`ShareRequest`: 12 bytes a tensor).
 2. **Sets** (coordinator, ``prepare_global_plan``): ranks with the same digest for a tensor
    need exactly the same boxes of it. Tensors needed by the same list of ranks form one *share
    set*; every rank gets the sets it is in (:class:`ShareSet`), evenly spaced members as a
@@ -57,7 +57,7 @@ class ShareRequest:
 
     rank: int
     group_size: int
-    tensors: np.ndarray  # int64
+    tensors: np.ndarray  # int32 (positions; int32 keeps the gather small)
     digests: np.ndarray  # uint64
 
 
@@ -75,7 +75,7 @@ def summarize(rank: int, group_size: int, items: Sequence[ReadItem], position: d
         for _, offsets, lengths in sorted(boxes[name]):
             h.update(np.array([len(offsets), *offsets, *lengths], dtype="<i8").tobytes())
         digests.append(int.from_bytes(h.digest(), "little"))
-    return ShareRequest(rank, group_size, np.array([position[n] for n in names], dtype=np.int64),
+    return ShareRequest(rank, group_size, np.array([position[n] for n in names], dtype=np.int32),
                         np.array(digests, dtype=np.uint64))
 
 
