@@ -2,7 +2,7 @@
 16,384 simulated ranks, driving the real planner, writer and reader code.
 
     python benchmarks/plan_scale.py [--ranks 1024 2048 4096 8192] [--tp 8] [--json FILE]
-                                    [--stock-max-ranks 256] [--dir DIR] [--share [hsdp dp]]
+                                    [--stock-max-ranks 256] [--dir DIR] [--share [hsdp dp fsdp]]
     python benchmarks/plan_scale.py --ranks 1024 8192 --share-only      # the share rows alone
 
 State: FSDP x TP (TP colwise/rowwise, FSDP on dim 0, norms TP-replicated; AdamW ``exp_avg`` and
@@ -438,7 +438,10 @@ SHARE_LAYOUTS = {
     "hsdp": "HSDP: 2 replicas of FSDP x TP=4 (a rank shares its shards with its replica, TP-replicated "
             "norm shards with 8 ranks, steps with all)",
     "dp": "DP: every rank loads every tensor whole (one set of all ranks)",
+    "fsdp": "FSDP x TP=4, no replicas: only TP-replicated norm shards (with 4 ranks) and the steps are "
+            "requested; what the default adds to a load from an object store with little to share",
 }
+REPLICAS = {"hsdp": 2, "fsdp": 1}
 
 
 def share_requests(ranks: int, layout: str, params) -> list[bytes]:
@@ -462,19 +465,24 @@ def share_requests(ranks: int, layout: str, params) -> list[bytes]:
         local = np.zeros(ranks, dtype=np.int64)
         held = np.ones((len(keys), 1), dtype=bool)
     else:
-        replica = SyntheticPlans(ranks // 2, 4, params)
+        per_replica = ranks // REPLICAS[layout]
+        replica = SyntheticPlans(per_replica, 4, params)
         kinds = {}
         for _, shape, style in keys:
             if style != "step" and (shape, style) not in kinds:
                 off, length = replica._boxes[(shape, style)]
                 kinds[(shape, style)] = [digest(o, n) for o, n in zip(off.tolist(), length.tolist())]
-        table = np.array([[whole[shape]] * (ranks // 2) if style == "step" else kinds[(shape, style)]
+        table = np.array([[whole[shape]] * per_replica if style == "step" else kinds[(shape, style)]
                           for _, shape, style in keys], dtype=np.uint64)
-        local = np.arange(ranks) % (ranks // 2)
-        held = np.zeros((len(keys), ranks // 2), dtype=bool)
-        held[:, :] = [[True] * (ranks // 2) if style == "step" else
+        local = np.arange(ranks) % per_replica
+        held = np.zeros((len(keys), per_replica), dtype=bool)
+        held[:, :] = [[True] * per_replica if style == "step" else
                       (replica._boxes[(shape, style)][1].prod(axis=1) > 0).tolist() for _, shape, style in keys]
-    positions = np.arange(len(keys), dtype=np.int64)
+        if REPLICAS[layout] == 1:  # as summarize leaves out FSDP x TP shards, replicated on no mesh dim
+            held &= np.array([style in ("rep", "step") for _, _, style in keys])[:, None]
+    sent = summarize(0, ranks, [], {})  # the dtypes a rank's request has on the wire
+    positions = np.arange(len(keys), dtype=sent.tensors.dtype)
+    table = table.astype(sent.digests.dtype)
     out = []
     for r in range(ranks):  # a rank with an empty shard of a tensor has no read item of it
         mine = held[:, local[r]]
@@ -489,7 +497,8 @@ def share_boxes(ranks: int, layout: str, rank: int, params):
     itemsize = {key: 4 if style == "step" else 2 for key, _, style in keys}
     if layout == "dp":
         return [(key, (0,) * len(shape), tuple(shape)) for key, shape, _ in keys], itemsize
-    replica, q = SyntheticPlans(ranks // 2, 4, params), rank % (ranks // 2)
+    per_replica = ranks // REPLICAS[layout]
+    replica, q = SyntheticPlans(per_replica, 4, params), rank % per_replica
     boxes = []
     for key, shape, style in keys:
         if style == "step":

@@ -157,6 +157,37 @@ def test_replicas_read_every_byte_once_from_local_disk(local: str) -> None:
         assert 0 < sum(r["in_place"] for r in shared) < sum(r["messages"] for r in shared), (kind, shared)
 
 
+def _load_recording_requests(url: str) -> dict:
+    """FSDP loads (every tensor ``Shard(0)`` over the 4 ranks), then the same with ``bias``
+    replicated: the share request a rank sends names only tensors another rank may need."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    class Recording(UCPReader):
+        def prepare_local_plan(self, plan):
+            out = super().prepare_local_plan(plan)
+            self.requested = sorted(self.catalog().names[i] for i in out.storage_data.share.tensors.tolist())
+            return out
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (4,))
+    out = {}
+    for replicated in ((), ("bias",)):
+        state = {n: distribute_tensor(torch.zeros_like(_full(n)), mesh, [Replicate() if n in replicated else Shard(0)],
+                                      src_data_rank=None) for n in SHAPES}
+        reader = Recording(url, share_reads=True)
+        dcp.load(state, storage_reader=reader, planner=UCPLoadPlanner())
+        out[",".join(replicated) or "none"] = {
+            "requested": reader.requested, "messages": reader.transfer_stats.messages,
+            "wrong": [n for n, t in state.items() if not torch.equal(t.full_tensor(), _full(n))]}
+    return out
+
+
+def test_a_share_request_leaves_out_what_no_other_rank_needs(local: str) -> None:
+    for r in run_distributed(_load_recording_requests, 4, local):
+        assert r["none"] == {"requested": [], "messages": 0, "wrong": []}, r
+        assert r["bias"]["requested"] == ["bias"] and r["bias"]["messages"] > 0 and r["bias"]["wrong"] == [], r
+
+
 def test_a_failing_source_is_named_on_every_rank(local: str, tmp_path) -> None:
     import shutil
 
@@ -245,11 +276,35 @@ def test_the_coordinator_groups_ranks_with_the_same_boxes() -> None:
     assert plan_sharing(requests, 8) is None  # the reader's group is not dcp.load's
 
 
+def _plain_sets(requests: list) -> dict[int, list]:
+    """The plain definition: ranks with the same digest for a tensor share it; tensors are
+    grouped by those ranks; set ids in the order of the sorted rank lists."""
+    holders: dict[tuple[int, int], list[int]] = {}
+    for q in requests:
+        for t, d in zip(q.tensors.tolist(), q.digests.tolist()):
+            holders.setdefault((t, d), []).append(q.rank)
+    by_members: dict[tuple[int, ...], set[int]] = {}
+    for (t, _), holding in holders.items():
+        if len(holding) > 1:
+            by_members.setdefault(tuple(sorted(holding)), set()).add(t)
+    expected: dict[int, list] = {q.rank: [] for q in requests}
+    for i, members in enumerate(sorted(by_members)):
+        for m in members:
+            expected[m].append((i, members, by_members[members]))
+    return expected
+
+
+def _planned_sets(requests: list) -> tuple[dict[int, list], list]:
+    sets = plan_sharing(list(reversed(requests)), len(requests))
+    assert sets is not None
+    got = {q.rank: [(s.id, tuple(s.members), set(s.tensors)) for s in mine] for q, mine in zip(reversed(requests), sets)}
+    return got, sets
+
+
 def test_the_coordinator_groups_like_the_plain_definition() -> None:
     """Random requests (a subgroup's global ranks, tensors needed by a random subset with a
-    random choice of boxes): the sets are the plain definition's (ranks with the same digest
-    for a tensor, tensors grouped by those ranks, ids in the order of the sorted rank lists),
-    evenly spaced ranks sent as a ``range``."""
+    random choice of boxes, some ranks replicas of others): the sets are the plain
+    definition's, evenly spaced ranks sent as a ``range``."""
     from torch_ucp.storage.sharing import ShareRequest
 
     rng = np.random.default_rng(3)
@@ -262,24 +317,27 @@ def test_the_coordinator_groups_like_the_plain_definition() -> None:
         requests.append(ShareRequest(r, 0, requests[2 * i].tensors, requests[2 * i].digests))
     ranks += [70, 71, 75]
     requests = [ShareRequest(q.rank, len(ranks), q.tensors, q.digests) for q in requests]
-    holders: dict[tuple[int, int], list[int]] = {}
-    for q in requests:
-        for t, d in zip(q.tensors.tolist(), q.digests.tolist()):
-            holders.setdefault((t, d), []).append(q.rank)
-    by_members: dict[tuple[int, ...], set[int]] = {}
-    for (t, _), holding in holders.items():
-        if len(holding) > 1:
-            by_members.setdefault(tuple(sorted(holding)), set()).add(t)
-    expected = {r: [] for r in ranks}
-    for i, members in enumerate(sorted(by_members)):
-        for m in members:
-            expected[m].append((i, members, by_members[members]))
-    sets = plan_sharing(list(reversed(requests)), len(ranks))
-    assert sets is not None
-    got = {q.rank: [(s.id, tuple(s.members), set(s.tensors)) for s in mine] for q, mine in zip(reversed(requests), sets)}
-    assert got == expected
+    got, sets = _planned_sets(requests)
+    assert got == _plain_sets(requests)
     kinds = {type(s.members) for mine in sets for s in mine}
     assert kinds == {range, tuple}, kinds  # the 3-spaced ranks as a range, the rest listed
+
+
+@pytest.mark.parametrize("shared_tensor", [False, True])
+def test_the_coordinator_without_replicas(shared_tensor: bool) -> None:
+    """No two ranks with the same request (an FSDP or TP load): no sets at all (the early way
+    out), or, where one tensor's boxes repeat (a TP-replicated norm), only that tensor's set."""
+    from torch_ucp.storage.sharing import ShareRequest
+
+    rng = np.random.default_rng(5)
+    requests = [ShareRequest(r, 16, np.arange(30, dtype=np.int32), rng.integers(0, 2**63, 30, dtype=np.uint64))
+                for r in range(16)]
+    if shared_tensor:
+        for q in requests[1::2]:
+            q.digests[7] = requests[0].digests[7]
+    got, _ = _planned_sets(requests)
+    assert got == _plain_sets(requests)
+    assert sum(map(len, got.values())) == (9 if shared_tensor else 0)  # rank 0 and the 8 odd ranks
 
 
 def test_dealing_is_the_least_loaded_member_first() -> None:

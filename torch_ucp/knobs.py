@@ -80,8 +80,8 @@ def share_reads() -> int:
     (:mod:`torch_ucp.storage.sharing`) when ``UCPReader(share_reads=None)``: ``0`` off, ``1``
     on, ``2`` (default) on for object stores over a gloo group: never for local disks and NFS,
     where one host's page cache already serves a second reader at memory speed, and over NCCL
-    only with ``1`` (not yet measured on a GPU). Measured: from S3 1.1-1.7x faster than reading
-    per replica, from a local disk 0.8-1.1x (docs/PERFORMANCE.md)."""
+    only with ``1`` (not yet measured on a GPU). Measured: from S3 1.1-1.8x faster than reading
+    per replica, from a local disk 0.7-1.1x (docs/PERFORMANCE.md)."""
     value = _env_int("SHARE_READS", SHARE_AUTO)
     if value not in (0, 1, SHARE_AUTO):
         raise ValueError(f"TORCH_UCP_SHARE_READS={value!r}: expected 0 (off), 1 (on) or 2 (object stores only)")

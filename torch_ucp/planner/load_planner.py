@@ -340,7 +340,7 @@ class UCPLoadPlanner(DefaultLoadPlanner):
         for r in requests:
             reads.extend(_read_items(r))
         # the items stay on this rank: DCP's gather of plans to the coordinator carries none
-        self.plan = LoadPlan(RankLocalItems(reads))
+        self.plan = LoadPlan(RankLocalItems(reads, _unreplicated_targets(self.state_dict)))
         return self.plan
 
     def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
@@ -597,6 +597,27 @@ def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     more = len(keys) - _MAX_LISTED
     return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+
+def _unreplicated_targets(state_dict: dict[str, Any]) -> dict[str, frozenset[int]]:
+    """Target keys whose DTensor is replicated on no mesh dim of more than one rank, with their
+    meshes' ranks (see :class:`~torch_ucp.planner.plan_table.RankLocalItems`)."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, frozenset[int]] = {}
+    ranks_of: dict[int, frozenset[int]] = {}  # one set per mesh
+    for fqn, target in state_dict.items():
+        if not isinstance(target, DTensor):
+            continue
+        mesh = target.device_mesh
+        if any(p.is_replicate() or p.is_partial() for p, n in zip(target.placements, mesh.shape) if n > 1):
+            continue
+        ranks = ranks_of.get(id(mesh))
+        if ranks is None:
+            ranks = ranks_of[id(mesh)] = frozenset(mesh.mesh.flatten().tolist())
+        out[fqn] = ranks
+    return out
 
 
 __all__ = ["UCPLoadPlanner"]

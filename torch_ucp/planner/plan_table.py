@@ -44,16 +44,27 @@ class RankLocalItems(list):
     """A local plan's items (write or read items). They stay on their rank: pickled (to the
     coordinator, by DCP's gather), this list is empty, since the coordinator plans from a
     compact summary (save: the :class:`LocalPlanTable`; load: nothing). Copies inside the
-    process keep the items."""
+    process keep the items.
+
+    ``unreplicated`` (load, from :class:`~torch_ucp.UCPLoadPlanner`): per target key whose
+    DTensor is replicated on no mesh dim of more than one rank, its mesh's ranks. No other rank
+    of that mesh needs the boxes this rank reads for it, so a shared read (which then only
+    needs the other targets) can leave them out of its summary."""
+
+    unreplicated: dict[str, frozenset[int]]
+
+    def __init__(self, items: Any = (), unreplicated: dict[str, frozenset[int]] | None = None) -> None:
+        super().__init__(items)
+        self.unreplicated = unreplicated or {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (list, ())
 
     def __copy__(self) -> RankLocalItems:
-        return RankLocalItems(self)
+        return RankLocalItems(self, self.unreplicated)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> RankLocalItems:
-        return RankLocalItems(copy.deepcopy(list(self), memo))
+        return RankLocalItems(copy.deepcopy(list(self), memo), self.unreplicated)
 
 
 @dataclass

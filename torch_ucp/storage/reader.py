@@ -305,7 +305,12 @@ class UCPReader(StorageReader):
         if not wanted or transport is None:
             return None
         position = self.catalog().position
-        return summarize(dist.get_rank(), dist.get_world_size(self.process_group), plan.items, position)
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        members = frozenset(dist.get_process_group_ranks(group))
+        # targets sharded over a mesh of exactly this group's ranks: nobody else needs their boxes
+        # (a mesh of fewer ranks may have replicas outside it, as DDP x TP has)
+        unreplicated = {fqn for fqn, ranks in getattr(plan.items, "unreplicated", {}).items() if ranks == members}
+        return summarize(dist.get_rank(), dist.get_world_size(self.process_group), plan.items, position, unreplicated)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         requests = [p.storage_data if isinstance(p.storage_data, _LocalRequest) else _LocalRequest(None, None)
