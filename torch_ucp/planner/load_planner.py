@@ -599,7 +599,6 @@ def _listing(keys: list[str]) -> str:
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
-
 def _unreplicated_targets(state_dict: dict[str, Any]) -> dict[str, frozenset[int]]:
     """Target keys whose DTensor is replicated on no mesh dim of more than one rank, with their
     meshes' ranks (see :class:`~torch_ucp.planner.plan_table.RankLocalItems`)."""
