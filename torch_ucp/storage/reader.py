@@ -488,16 +488,17 @@ class UCPReader(StorageReader):
                 ))
             self._read_boxes(boxes, meta, for_targets=False)
 
-        def region(p: Part) -> torch.Tensor:
-            """Where part ``p`` goes in the first target of its box."""
-            return narrow(targets[p.box][0][1], [o - b for o, b in zip(p.offsets, p.box[1])], p.lengths)
+        def regions(p: Part) -> list[torch.Tensor]:
+            """Where part ``p`` goes in each target of its box."""
+            rel = [o - b for o, b in zip(p.offsets, p.box[1])]
+            return [narrow(dest, rel, p.lengths) for _, dest in targets[p.box]]
 
         def in_place(m: Message) -> torch.Tensor | None:
-            """A one-part message whose region is contiguous, on the CPU, of the saved dtype: it is
-            read, sent and received there (no buffer, no copy)."""
+            """A one-part message whose region (in its box's first target) is contiguous, on the
+            CPU, of the saved dtype: it is read, sent and received there (no buffer, no copy)."""
             if len(m.parts) != 1:
                 return None
-            home = region(m.parts[0])
+            home = regions(m.parts[0])[0]
             if home.device.type != "cpu" or home.dtype != meta.tensors[m.parts[0].box[0]].dtype or not home.is_contiguous():
                 return None
             return home.reshape(-1).view(torch.uint8)
@@ -507,9 +508,7 @@ class UCPReader(StorageReader):
                 return
             for p in m.parts:
                 src = payload[p.at : p.at + p.nbytes].view(meta.tensors[p.box[0]].dtype).reshape(p.lengths)
-                rel = [o - b for o, b in zip(p.offsets, p.box[1])]
-                for _, dest in targets[p.box]:
-                    dest = narrow(dest, rel, p.lengths)
+                for dest in regions(p):
                     if not _same_memory(dest, src):  # an in-place payload is already there
                         dest.copy_(src)
                 with self._stats_lock:

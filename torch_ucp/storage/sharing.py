@@ -54,7 +54,8 @@ class ShareRequest:
 
     Attributes:
         rank: its global rank. group_size: ranks in the process group it would send on.
-        tensors: positions (in the header's tensor table) of the tensors it reads.
+        tensors: positions (in the header's tensor table) of the tensors it reads that another
+            rank may need too (see :func:`summarize`).
         digests: per tensor, the digest of its sorted boxes of it.
     """
 
